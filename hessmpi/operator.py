@@ -1,0 +1,99 @@
+"""The distributed curvature operator: shard products summed over ranks (MPI only).
+
+Every rank holds the full parameter vector and its own shard of the data. A product
+y = (1/N) Σ_shards H_shard·x with x and y split over ranks by `ownership` costs one
+Allgatherv of x and one Reduce_scatter of the local products. PETSc is not needed
+here, so the MPI sum can be tested on its own; `petsc.py` wraps it as a shell matrix.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+from mpi4py import MPI
+
+
+def ownership(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, offsets) of a length-n vector split in contiguous blocks over size ranks,
+    the first n % size ranks holding one extra entry (PETSc's default layout)."""
+    counts = np.full(size, n // size, dtype=np.int64)
+    counts[: n % size] += 1
+    offsets = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    return counts, offsets
+
+
+class DistributedOperator:
+    """y = (scale) Σ_ranks local_product(x): a symmetric operator over all ranks' shards.
+
+    local_product(v) must return this rank's *sum* of per-sample products with the full
+    vector v; scale is 1/N for N samples in all shards. The operator counts its
+    products in `n_matvecs` (one per vector, whatever the call) and the seconds spent
+    in local compute and in communication.
+    """
+
+    def __init__(self, local_product: Callable[[np.ndarray], np.ndarray], n: int,
+                 scale: float, comm: MPI.Comm):
+        self.local_product = local_product
+        self.n = n
+        self.scale = scale
+        self.comm = comm
+        self.counts, self.offsets = ownership(n, comm.Get_size())
+        rank = comm.Get_rank()
+        self.lo = int(self.offsets[rank])
+        self.hi = self.lo + int(self.counts[rank])
+        self._full = np.empty(n)
+        self.n_matvecs = 0
+        self.compute_seconds = 0.0
+        self.comm_seconds = 0.0
+        self.on_matvec = None  # optional callback(operator) after each product
+
+    @property
+    def n_local(self) -> int:
+        return self.hi - self.lo
+
+    def gather(self, x_local: np.ndarray) -> np.ndarray:
+        """The full vector from every rank's owned block (a buffer reused across calls)."""
+        self.comm.Allgatherv(np.ascontiguousarray(x_local, dtype=np.float64),
+                             [self._full, self.counts, self.offsets, MPI.DOUBLE])
+        return self._full
+
+    def apply(self, x_local: np.ndarray, y_local: np.ndarray | None = None) -> np.ndarray:
+        """y_local = owned block of (scale · Σ_ranks H_rank·x); x_local is the owned block of x."""
+        t0 = time.perf_counter()
+        full = self.gather(x_local)
+        t1 = time.perf_counter()
+        prod = self.local_product(full)
+        t2 = time.perf_counter()
+        if y_local is None:
+            y_local = np.empty(self.n_local)
+        self.comm.Reduce_scatter(prod, y_local, recvcounts=self.counts, op=MPI.SUM)
+        y_local *= self.scale
+        t3 = time.perf_counter()
+        self.compute_seconds += t2 - t1
+        self.comm_seconds += (t1 - t0) + (t3 - t2)
+        self.n_matvecs += 1
+        if self.on_matvec is not None:
+            self.on_matvec(self)
+        return y_local
+
+    def apply_full(self, v: np.ndarray) -> np.ndarray:
+        """The full product (replicated on every rank) for a full vector v given on every rank."""
+        y = self.apply(np.asarray(v, dtype=np.float64)[self.lo:self.hi])
+        out = np.empty(self.n)
+        self.comm.Allgatherv(y, [out, self.counts, self.offsets, MPI.DOUBLE])
+        return out
+
+    def allreduce_sum(self, value):
+        """Sum a scalar or array over all ranks (used for loss and gradient)."""
+        if np.isscalar(value):
+            return self.comm.allreduce(value, op=MPI.SUM)
+        out = np.empty_like(value)
+        self.comm.Allreduce(np.ascontiguousarray(value), out, op=MPI.SUM)
+        return out
+
+
+def hessian_operator(curvature, n_global: int, comm: MPI.Comm) -> DistributedOperator:
+    """The mean-loss Hessian over all ranks' shards: (1/n_global) Σ_shards H_shard."""
+    return DistributedOperator(curvature.hvp, curvature.n_params, 1.0 / n_global, comm)

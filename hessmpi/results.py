@@ -1,0 +1,124 @@
+"""One HDF5 file per run: written atomically, read back with the contract checked.
+
+`write` creates the file under a temporary name in the target folder and renames
+it into place only once it is complete, so a crash never leaves a half-written file
+where a good one was. Only one rank writes (the caller decides which).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from .errors import ResultsError
+
+ROOT_ATTRS = ("model", "dataset", "n_params", "n_samples", "n_ranks", "dtype",
+              "hessmpi_version", "command")
+
+CONTRACT = {
+    "spectrum": ("spectrum/eigenvalues", "spectrum/eigenvectors", "spectrum/residuals"),
+    "rank_curve": ("rank_curve/batch_sizes", "rank_curve/ranks"),
+    "density": ("density/grid", "density/values", "trace/estimate", "trace/stderr"),
+    "newton": ("newton/loss", "newton/grad_norm", "newton/test_accuracy", "model/params"),
+}
+
+
+def check_output(path: str, overwrite: bool) -> None:
+    """Raise ResultsError unless path can be written: its folder writable, and no file
+    there already unless overwrite. Creates the folder if needed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise ResultsError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+    if os.path.isdir(path):
+        raise ResultsError(f"{path} is a directory; --out must name a file")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ResultsError(f"cannot create the folder of {path}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise ResultsError(f"cannot write to {folder}: permission denied; choose another --out")
+
+
+def _to_attr(value):
+    if value is None:
+        return "none"
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    return value
+
+
+def write(path: str, datasets: dict, attrs: dict) -> None:
+    """Write datasets {'group/name': array} and root attrs to path, atomically."""
+    import h5py
+
+    missing = [a for a in ROOT_ATTRS if a not in attrs]
+    if missing:
+        raise ValueError(f"results attributes missing: {missing}")
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", dir=folder)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key, value in attrs.items():
+                f.attrs[key] = _to_attr(value)
+            for name, array in datasets.items():
+                f.create_dataset(name, data=np.asarray(array))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read(path: str, kind: str | None = None) -> tuple[dict, dict]:
+    """(datasets, attrs) of a results file; with kind, raise ResultsError naming every
+    dataset of the contract that the file lacks."""
+    import h5py
+
+    if not os.path.isfile(path):
+        raise ResultsError(f"no results file at {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            datasets = {}
+            f.visititems(lambda name, obj: datasets.__setitem__(name, obj[()])
+                         if isinstance(obj, h5py.Dataset) else None)
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    except OSError as e:
+        raise ResultsError(f"{path} is not a readable HDF5 file ({e})") from None
+    if kind is not None:
+        lacking = [f"/{d}" for d in CONTRACT[kind] if d not in datasets]
+        lacking += [f"attribute {a}" for a in ROOT_ATTRS if a not in attrs]
+        if lacking:
+            raise ResultsError(f"{path} is not a complete {kind} results file: it lacks {', '.join(lacking)}")
+    return datasets, attrs
+
+
+def load_weights(path: str, n_params: int) -> np.ndarray:
+    """θ from an .npz with key 'params' or from a results file's /model/params, checked
+    to have n_params entries, all finite."""
+    if not os.path.isfile(path):
+        raise ResultsError(f"--weights {path}: no such file")
+    if path.endswith(".npz"):
+        try:
+            with np.load(path) as z:
+                if "params" not in z.files:
+                    raise ResultsError(f"--weights {path}: no key 'params' (it has {', '.join(z.files) or 'no keys'}); "
+                                       f"save θ with np.savez(path, params=theta)")
+                theta = np.asarray(z["params"], dtype=np.float64)
+        except (OSError, ValueError) as e:
+            raise ResultsError(f"--weights {path}: not a readable .npz file ({e})") from None
+    else:
+        datasets, _ = read(path)
+        if "model/params" not in datasets:
+            raise ResultsError(f"--weights {path}: the file has no /model/params dataset")
+        theta = np.asarray(datasets["model/params"], dtype=np.float64)
+    theta = theta.ravel()
+    if theta.size != n_params:
+        raise ResultsError(f"--weights {path} holds {theta.size:,} values but the model has "
+                           f"{n_params:,} parameters (wrong --model?)")
+    if not np.all(np.isfinite(theta)):
+        raise ResultsError(f"--weights {path} contains NaN or infinite values")
+    return theta

@@ -1,0 +1,146 @@
+"""The cases of the model, operator and eigen tests, as dicts fed through fixtures,
+and the few builders that turn a case into a model, data, a point θ and a dense Hessian.
+
+Sample counts include 7 and 11 (divisible by neither 2 nor 3) and 1 and 2 (fewer
+samples than ranks), so that the same cases exercise uneven and empty shards at
+every rank count the suite runs with (1, 2, 3).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# ---------------------------------------------------------------- tiny models
+
+SOFTMAX_TINY = {"name": "softmax", "config": {"image_size": 4}, "n_params": 160}
+CNN_TINY = {"name": "cnn", "config": {"image_size": 16, "kernel": 3, "filters": (2, 3), "hidden": 4},
+            "n_params": 143}
+
+# The models of DESIGN.md, with their exact parameter counts.
+FULL_MODELS = [
+    {"name": "softmax", "config": {}, "n_params": 7_840},
+    {"name": "cnn", "config": {}, "n_params": 86_282},
+]
+
+# ---------------------------------------------------------------- dense comparisons
+
+# A random point: θ = model.init(seed) + noise·N(0, 1) (nonzero CNN biases, small
+# softmax W); random images in [0, 1] and labels drawn from data_seed.
+DENSE_CASES = [
+    {"id": "softmax-N11", "model": SOFTMAX_TINY, "seed": 0, "noise": 0.1, "data_seed": 10,
+     "n_samples": 11},
+    {"id": "cnn-N7", "model": CNN_TINY, "seed": 1, "noise": 0.1, "data_seed": 11, "n_samples": 7},
+]
+
+# Parallel = serial: N not divisible by 2 or 3, and N below the rank count.
+PARALLEL_CASES = [
+    {"id": "cnn-N11", "model": CNN_TINY, "seed": 2, "noise": 0.1, "data_seed": 12, "n_samples": 11},
+    {"id": "softmax-N2", "model": SOFTMAX_TINY, "seed": 3, "noise": 0.1, "data_seed": 13,
+     "n_samples": 2},
+    {"id": "softmax-N1", "model": SOFTMAX_TINY, "seed": 4, "noise": 0.1, "data_seed": 14,
+     "n_samples": 1},
+]
+
+# Micro-batches of 3 split every shard of 11 samples unevenly at 1, 2 and 3 ranks.
+MICRO_BATCH_CASE = {"id": "cnn-N11", "model": CNN_TINY, "seed": 5, "noise": 0.1, "data_seed": 15,
+                    "n_samples": 11, "micro_batches": (3, 1000)}
+
+# ---------------------------------------------------------------- real digits
+
+# Softmax at W = 0 on the first N bundled digits: H = (1/N) Σᵢ xᵢxᵢᵀ ⊗ (diag(p) − ppᵀ).
+CLOSED_FORM_CASE = {"dataset": "mnist-5k", "n_samples": 50, "n_vectors": 5, "seed": 20}
+
+# Every nonzero eigenvalue of that Hessian comes 9 times: nev = 12 is 9·λ₁ then 3·λ₂.
+REPEATED_CASE = {"dataset": "mnist-5k", "n_samples": 20, "nev": 12, "copies": (9, 3)}
+
+# ---------------------------------------------------------------- eigen solves
+
+EIGEN_CASES = [dict(case, nev=5) for case in DENSE_CASES]
+WHICH = ("largest", "smallest", "magnitude")
+
+# Σ_k d_k q_k q_kᵀ with the terms sharded over ranks like samples: known multiplicities.
+DEGENERATE_CASE = {"n": 40, "seed": 30, "clusters": ((5.0, 5), (3.0, 3)), "rest": (0.1, 2.0),
+                   "nevs": (4, 7)}
+# A rank-deficient PSD matrix: its smallest eigenvalues are exact zeros.
+SINGULAR_CASE = {"n": 60, "rank": 20, "seed": 31, "nev": 4}
+
+# ---------------------------------------------------------------- builders
+
+
+def build_model(spec):
+    from hessmpi import models
+
+    return models.get_model(spec["name"], **spec["config"])
+
+
+def point(model, case) -> np.ndarray:
+    """θ = model.init(seed) + noise·N(0, 1), float64."""
+    rng = np.random.default_rng(case["seed"])
+    return model.init(case["seed"]) + case["noise"] * rng.standard_normal(model.n_params)
+
+
+def random_data(model, n: int, seed: int):
+    """n images (n, s, s, 1) uniform in [0, 1] and n labels in 0..9, the same on every rank."""
+    rng = np.random.default_rng(seed)
+    s = model.image_size
+    return rng.uniform(0.0, 1.0, (n, s, s, 1)), rng.integers(0, 10, n).astype(np.int64)
+
+
+def dense_hessian(model, theta, images, labels) -> np.ndarray:
+    """(1/N) ∂²(Σ loss)/∂θ² by nested GradientTapes and tape.jacobian, float64.
+
+    Independent of hessmpi.curvature: the loss is written out here again.
+    """
+    from hessmpi import runtime
+
+    tf = runtime.import_tensorflow()
+    th = tf.constant(theta, tf.float64)
+    x, y = tf.constant(images, tf.float64), tf.constant(labels, tf.int64)
+    with tf.GradientTape() as outer:
+        outer.watch(th)
+        with tf.GradientTape() as inner:
+            inner.watch(th)
+            loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=y, logits=model.logits(th, x)))
+        grad = inner.gradient(loss, th)
+    return outer.jacobian(grad, th).numpy() / len(labels)
+
+
+def build(case, dense=True):
+    """A case made concrete: model, θ, the full data (same on every rank) and,
+    if dense, the dense Hessian H of the mean loss."""
+    from types import SimpleNamespace
+
+    model = build_model(case["model"])
+    theta = point(model, case)
+    images, labels = random_data(model, case["n_samples"], case["data_seed"])
+    H = dense_hessian(model, theta, images, labels) if dense else None
+    return SimpleNamespace(case=case, model=model, theta=theta, images=images, labels=labels, H=H)
+
+
+def hessian_operator(built, comm, **options):
+    """The distributed Hessian of built's data at built.theta, each rank of comm holding
+    its shard (data.shard_range); options go to LocalCurvature."""
+    from hessmpi import curvature, data, operator
+
+    n = len(built.labels)
+    lo, hi = data.shard_range(n, comm.Get_size(), comm.Get_rank())
+    curv = curvature.LocalCurvature(built.model, built.images[lo:hi], built.labels[lo:hi], **options)
+    curv.set_params(built.theta)
+    return operator.hessian_operator(curv, n, comm)
+
+
+def sum_of_terms_operator(weights, vectors, comm):
+    """Σ_k w_k q_k q_kᵀ as a DistributedOperator whose terms are sharded over comm's
+    ranks like samples (vectors: the q_k as columns)."""
+    from hessmpi import data, operator
+
+    n_terms = len(weights)
+    lo, hi = data.shard_range(n_terms, comm.Get_size(), comm.Get_rank())
+    w, Q = np.asarray(weights[lo:hi]), np.asarray(vectors[:, lo:hi])
+    return operator.DistributedOperator(lambda v: Q @ (w * (Q.T @ v)), vectors.shape[0], 1.0, comm)
+
+
+def rel_error(a, b) -> float:
+    """‖a − b‖ / ‖b‖ (Frobenius for matrices)."""
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(b))

@@ -1,0 +1,204 @@
+"""Tests of the distributed Hessian operator (hessmpi.operator, hessmpi.curvature,
+hessmpi.petsc) against dense Hessians built independently on tiny models.
+
+Runs at any rank count: every rank builds the same reference on the full data and
+the operator on its own shard; assertions are collective.
+"""
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import petsc4py
+
+petsc4py.init()
+from petsc4py import PETSc  # noqa: E402
+
+from hessmpi import runtime  # noqa: E402
+
+runtime.configure_threads(1)
+
+from hessmpi import curvature, data, models, operator, petsc  # noqa: E402
+from hessmpi.errors import DataError  # noqa: E402
+
+import cases  # noqa: E402
+from mpi_util import collective_assert, comm  # noqa: E402
+
+COMM = comm()
+TOL = 1e-10
+
+
+def hessian_op(built, comm=COMM, **options):
+    return cases.hessian_operator(built, comm, **options)
+
+
+@pytest.fixture(scope="module", params=cases.DENSE_CASES, ids=lambda c: c["id"])
+def tiny(request):
+    return cases.build(request.param)
+
+
+def random_vectors(n, k, seed):
+    """k random vectors of length n, the same on every rank."""
+    return np.random.default_rng(seed).standard_normal((k, n))
+
+
+# ---------------------------------------------------------------- against the dense Hessian
+
+
+def test_dense_reference_is_symmetric(tiny):
+    H = tiny.H
+    asym = np.linalg.norm(H - H.T) / np.linalg.norm(H)
+    collective_assert(H.shape == (tiny.model.n_params,) * 2 and asym <= 1e-12,
+                      f"dense Hessian {H.shape}, asymmetry {asym:.2e}")
+
+
+@pytest.mark.parametrize("hvp_mode", curvature.HVP_MODES)
+def test_operator_columns_match_dense_hessian(tiny, hvp_mode):
+    op = hessian_op(tiny, hvp_mode=hvp_mode)
+    n, H = tiny.model.n_params, tiny.H
+    cols = np.column_stack([op.apply_full(e) for e in np.eye(n)])
+    overall = cases.rel_error(cols, H)
+    col_norms = np.linalg.norm(H, axis=0)
+    col_errors = np.linalg.norm(cols - H, axis=0)
+    floor = 1e-6 * col_norms.max()
+    bad = np.flatnonzero(col_errors > TOL * np.maximum(col_norms, floor))
+    collective_assert(overall <= TOL and bad.size == 0 and op.n_matvecs == n,
+                      f"{hvp_mode}: ‖H_op − H‖/‖H‖ = {overall:.2e}, {bad.size} bad columns "
+                      f"(first {bad[:5].tolist()}), {op.n_matvecs} matvecs for {n} columns")
+
+
+def test_shell_matrix_matches_dense_hessian(tiny):
+    op = hessian_op(tiny)
+    mat = petsc.shell_matrix(op)
+    try:
+        n = tiny.model.n_params
+        layout_ok = (mat.getSize() == (n, n) and mat.getOwnershipRange() == (op.lo, op.hi))
+        errors = []
+        for v in random_vectors(n, 3, seed=1):
+            x = petsc.vec_from_full(mat, v)
+            y = mat.createVecLeft()
+            mat.mult(x, y)
+            errors.append(cases.rel_error(petsc.vec_to_full(y, COMM), tiny.H @ v))
+            x.destroy()
+            y.destroy()
+        collective_assert(layout_ok and max(errors) <= TOL and op.n_matvecs == 3,
+                          f"layout ok: {layout_ok}, errors {errors}, {op.n_matvecs} matvecs")
+    finally:
+        mat.destroy()
+
+
+def test_operator_is_symmetric(tiny):
+    op = hessian_op(tiny)
+    n = tiny.model.n_params
+    scale = np.linalg.norm(tiny.H, 2)
+    gaps = []
+    for x, y in random_vectors(n, 6, seed=2).reshape(3, 2, n):
+        gap = abs(y @ op.apply_full(x) - x @ op.apply_full(y))
+        gaps.append(gap / (np.linalg.norm(x) * np.linalg.norm(y) * scale))
+    collective_assert(max(gaps) <= 1e-12, f"|yᵀHx − xᵀHy| / (‖x‖‖y‖‖H‖) = {gaps}")
+
+
+def test_float32_agrees_with_float64(tiny):
+    op32 = hessian_op(tiny, dtype="float32")
+    errors = [cases.rel_error(op32.apply_full(v), tiny.H @ v)
+              for v in random_vectors(tiny.model.n_params, 3, seed=3)]
+    collective_assert(max(errors) <= 1e-5, f"float32 relative errors {errors}")
+
+
+# ---------------------------------------------------------------- softmax at W = 0, real digits
+
+
+@pytest.fixture(scope="module")
+def digits():
+    try:
+        return data.load(cases.CLOSED_FORM_CASE["dataset"])
+    except DataError as e:  # the same on every rank
+        pytest.skip(str(e))
+
+
+def test_softmax_at_zero_matches_closed_form(digits):
+    case = cases.CLOSED_FORM_CASE
+    N = case["n_samples"]
+    images, labels = data.select(digits, N, COMM.size, COMM.rank)
+    X = data.select(digits, N, 1, 0)[0].reshape(N, -1)  # all N samples, (N, 784)
+    model = models.get_model("softmax")
+    curv = curvature.LocalCurvature(model, images, labels)
+    curv.set_params(model.init())
+    op = operator.hessian_operator(curv, N, COMM)
+
+    p = np.full(10, 0.1)
+    A = np.diag(p) - np.outer(p, p)
+    # H = (1/N) Σᵢ xᵢxᵢᵀ ⊗ A with θ index pixel·10 + class: H·vec(V) = vec((1/N) XᵀX V A).
+    errors = []
+    for v in random_vectors(model.n_params, case["n_vectors"], case["seed"]):
+        V = v.reshape(784, 10)
+        expected = (X.T @ (X @ V) @ A / N).ravel()
+        errors.append(cases.rel_error(op.apply_full(v), expected))
+    collective_assert(max(errors) <= TOL, f"relative errors against the closed form {errors}")
+
+
+# ---------------------------------------------------------------- invariances
+
+
+def test_micro_batching_does_not_change_the_product():
+    case = cases.MICRO_BATCH_CASE
+    built = cases.build(case, dense=False)
+    small, large = (hessian_op(built, micro_batch=m) for m in case["micro_batches"])
+    errors = [cases.rel_error(small.apply_full(v), large.apply_full(v))
+              for v in random_vectors(built.model.n_params, 3, seed=4)]
+    collective_assert(max(errors) <= 1e-12, f"micro-batch 3 vs 1000: relative errors {errors}")
+
+
+@pytest.mark.parametrize("case", cases.PARALLEL_CASES, ids=lambda c: c["id"])
+def test_parallel_equals_serial(case):
+    """This rank count's product equals a one-rank operator's over all the data,
+    also when N does not divide evenly and when some ranks hold no sample."""
+    built = cases.build(case, dense=False)
+    parallel = hessian_op(built, COMM)
+    serial = hessian_op(built, MPI.COMM_SELF)
+    errors, replicated = [], True
+    for v in random_vectors(built.model.n_params, 3, seed=5):
+        y = parallel.apply_full(v)
+        errors.append(cases.rel_error(y, serial.apply_full(v)))
+        replicated &= all(np.array_equal(y, other) for other in COMM.allgather(y))
+    collective_assert(max(errors) <= 1e-12 and replicated,
+                      f"N={case['n_samples']} on {COMM.size} ranks: relative errors {errors}, "
+                      f"identical on every rank: {replicated}")
+
+
+def test_operator_counts_one_matvec_per_product():
+    built = cases.build(cases.DENSE_CASES[0], dense=False)
+    op = hessian_op(built, micro_batch=2)  # several micro-batches per product
+    seen = []
+    op.on_matvec = lambda o: seen.append(o.n_matvecs)
+    n = built.model.n_params
+    v = random_vectors(n, 1, seed=6)[0]
+    counts = [op.n_matvecs]
+    op.apply(v[op.lo:op.hi])
+    counts.append(op.n_matvecs)
+    op.apply_full(v)
+    counts.append(op.n_matvecs)
+    mat = petsc.shell_matrix(op)
+    try:
+        x = petsc.vec_from_full(mat, v)
+        y = mat.createVecLeft()
+        mat.mult(x, y)
+        mat.mult(y, x)
+        counts.append(op.n_matvecs)
+    finally:
+        mat.destroy()
+    collective_assert(counts == [0, 1, 2, 4] and seen == [1, 2, 3, 4],
+                      f"n_matvecs after 0, 1, 2, 4 products: {counts}; callback saw {seen}")
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 143, 7_840, 86_282])
+def test_ownership_matches_petsc_layout(n):
+    counts, offsets = operator.ownership(n, COMM.size)
+    vec = PETSc.Vec().createMPI(n, comm=COMM)
+    try:
+        petsc_range = vec.getOwnershipRange()
+    finally:
+        vec.destroy()
+    ours = (int(offsets[COMM.rank]), int(offsets[COMM.rank] + counts[COMM.rank]))
+    collective_assert(ours == petsc_range and counts.sum() == n and len(counts) == COMM.size,
+                      f"n={n}: ownership gives {ours}, PETSc {petsc_range}, counts {counts}")
