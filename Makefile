@@ -10,6 +10,7 @@ TEST_TIMEOUT ?= 3600
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export OMPI_MCA_rmaps_base_oversubscribe := 1
+export OMPI_MCA_mpi_yield_when_idle := 1
 
 PYTEST := $(PYTHON) -m pytest -q
 # Open MPI gives rank 0 a pseudo-terminal, so pytest's colour follows make's stdout instead.

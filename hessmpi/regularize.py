@@ -78,7 +78,7 @@ def petsc_matrix(kind: str, model, lo: int, hi: int, comm):
         for i in range(lo, hi):
             pixel, cls = divmod(i, classes)
             cols = np.nonzero(block[pixel])[0]
-            mat.setValues(i, cols * classes + cls, block[pixel, cols])
+            mat.setValues(i, (cols * classes + cls).astype(PETSc.IntType), block[pixel, cols])
     mat.assemble()
     mat.setOption(PETSc.Mat.Option.SYMMETRIC, True)
     return mat

@@ -66,7 +66,8 @@ def _print_failure(report):
     lines = [f"{what} {report.nodeid}", *report.longreprtext.splitlines()]
     for title, content in report.sections:
         lines += [f"----- {title} -----", *content.splitlines()]
-    sys.stderr.write("".join(f"[rank {RANK}] {line}\n" for line in lines))
+    # The leading newline keeps the block off the end of rank 0's line of dots.
+    sys.stderr.write("\n" + "".join(f"[rank {RANK}] {line}\n" for line in lines))
     sys.stderr.flush()
 
 

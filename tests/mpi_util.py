@@ -8,12 +8,12 @@ import signal
 import subprocess
 import sys
 
-# What `make test` and .venv/bin/activate set: Open MPI as root and oversubscribed,
-# one TensorFlow thread per rank.
+# As in `make test`: Open MPI as root and oversubscribed, one TensorFlow thread per rank.
 MPI_ENV = {
     "OMPI_ALLOW_RUN_AS_ROOT": "1",
     "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
     "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    "OMPI_MCA_mpi_yield_when_idle": "1",
     "HESSMPI_TF_THREADS": "1",
 }
 

@@ -66,6 +66,8 @@ cat >>"$VENV/bin/activate" <<'EOF'
 export OMPI_ALLOW_RUN_AS_ROOT=1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1
+# ranks that wait yield the core instead of spinning (8 ranks on 2 cores)
+export OMPI_MCA_mpi_yield_when_idle=1
 # <<< hessmpi <<<
 EOF
 
