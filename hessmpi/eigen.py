@@ -8,9 +8,12 @@ from a fresh random vector; the pairs it finds are merged with the earlier ones 
 the best `nev` kept. The solve stops when a pass finds nothing better than the
 `nev`-th value already held, which is the post-check that no copy is missing.
 SLEPc's default convergence test is relative to |λ|, which a zero eigenvalue never
-passes, and a Hessian's smallest eigenvalues are often zero. For `which="smallest"`
-the test is absolute, ‖Hx − λx‖ ≤ tol·‖H‖₂, with ‖H‖₂ estimated first by a loose
-largest-magnitude solve. Options are read with a prefix (`-hess_eps_type lanczos -hess_eps_tol 1e-10`).
+passes, and zero eigenvalues are the rule in a Hessian: the smallest ones, and the
+largest ones too once nev exceeds the rank or the matrix is negative semi-definite.
+So the test is absolute, ‖Hx − λx‖ ≤ tol·‖H‖₂ (SLEPc's EPS_CONV_ABS), with ‖H‖₂
+estimated first by a loose largest-magnitude solve (a few dozen products). Options are read with a prefix (`-hess_eps_type lanczos -hess_eps_tol 1e-10`).
+A long solve can be continued in a new process: `solve` reports a `Progress` after
+every pass and accepts one back (the spectrum script checkpoints them to a file).
 """
 
 from __future__ import annotations
@@ -46,6 +49,27 @@ class EigenResult:
     solver: str = ""
     pass_log: list = field(default_factory=list)
     norm_estimate: float = float("nan")
+
+
+@dataclass
+class Progress:
+    """Where a solve stands after a pass; passed back to `solve` as `resume`, it continues it.
+
+    values/vectors/residuals are the pairs held (best first, at most nev; vectors are
+    PETSc Vecs laid out like the matrix), passes the passes done, next_want the pairs
+    the next pass asks for (0: the solve has finished). The counters cover every pass.
+    """
+
+    values: np.ndarray
+    vectors: list
+    residuals: np.ndarray
+    passes: int
+    next_want: int
+    iterations: int = 0
+    n_matvecs: int = 0
+    norm_estimate: float = float("nan")
+    pass_log: list = field(default_factory=list)
+    solver: str = ""
 
 
 def _order_key(which: str):
@@ -90,12 +114,21 @@ def norm_estimate(mat, seed: int = 0, prefix: str = "hess_norm_") -> float:
 
 def solve(mat: PETSc.Mat, nev: int, which: str = "largest", tol: float = 1e-8,
           max_it: int | None = None, prefix: str = "hess_", seed: int = 0,
-          max_passes: int = 20, matvec_counter=None, log=None) -> EigenResult:
+          max_passes: int = 20, matvec_counter=None, log=None,
+          on_pass=None, resume: Progress | None = None) -> EigenResult:
     """The nev best eigenpairs of the symmetric matrix mat for `which`, every copy included.
 
-    tol is SLEPc's relative residual tolerance; options under `prefix` override the
+    tol is the residual tolerance relative to ‖H‖₂; options under `prefix` override the
     defaults set here. `matvec_counter()` returns the operator's product count so that
     the result can report what the solve cost. log(str) receives one line per pass.
+    With max_passes=1 the check pass is skipped; otherwise a solve whose last allowed
+    pass still found missing copies raises HessmpiError.
+
+    Restart: on_pass(Progress) is called on every rank after each pass (a collective
+    point); given back as `resume` with the same arguments, in a new process too, that
+    Progress continues the solve where it stood, and the result equals the
+    uninterrupted solve's (the same passes follow from the same held pairs and seeds). The result's n_matvecs,
+    iterations and passes then include the resumed passes; wall_time is this call's.
     """
     n = mat.getSize()[0]
     if which not in WHICH:
@@ -105,22 +138,32 @@ def solve(mat: PETSc.Mat, nev: int, which: str = "largest", tol: float = 1e-8,
     key = _order_key(which)
     count = matvec_counter or (lambda: 0)
     start_matvecs, t0 = count(), time.perf_counter()
-    held: list = []  # (value, Vec, residual)
     result = EigenResult(np.empty(0), [], np.empty(0))
-    if which == "smallest":
+    held: list  # (value, Vec, residual), best first
+    if resume is not None:
+        _check_resume(resume, mat, nev)
+        held = list(zip(np.asarray(resume.values).tolist(), resume.vectors, np.asarray(resume.residuals).tolist()))
+        p, want = resume.passes, resume.next_want
+        result.iterations, result.passes = resume.iterations, resume.passes
+        result.norm_estimate, result.pass_log = resume.norm_estimate, list(resume.pass_log)
+        result.solver, earlier_matvecs = resume.solver, resume.n_matvecs
+        if log:
+            log(f"resuming after pass {p} with {len(held)} pairs held "
+                f"({earlier_matvecs} matvecs done before)")
+    else:
+        held, p, want, earlier_matvecs = [], 0, nev, 0
         result.norm_estimate = norm_estimate(mat, seed)
         if log:
             log(f"‖H‖₂ ≈ {result.norm_estimate:.4g} (scale of the absolute convergence test)")
-    want = nev
-    for p in range(max_passes):
+    while want > 0:
         want = min(want, n - 1 - len(held))
         if want < 1:
             break
-        if which == "smallest":
-            eps = _new_eps(mat, which, want, tol * (result.norm_estimate or 1.0), max_it, prefix)
-            eps.setConvergenceTest(SLEPc.EPS.Conv.ABS)
-        else:
-            eps = _new_eps(mat, which, want, tol, max_it, prefix)
+        if p == max_passes:
+            raise HessmpiError(f"the eigen solve still found missing copies after {max_passes} passes; "
+                               f"raise the pass limit or ask for fewer eigenpairs")
+        eps = _new_eps(mat, which, want, tol * (result.norm_estimate or 1.0), max_it, prefix)
+        eps.setConvergenceTest(SLEPc.EPS.Conv.ABS)
         if held:
             eps.setDeflationSpace([v for _, v, _ in held])
         eps.setInitialSpace([_random_vec(mat, seed * 7919 + p)])
@@ -136,23 +179,26 @@ def solve(mat: PETSc.Mat, nev: int, which: str = "largest", tol: float = 1e-8,
         eps.destroy()
         threshold = held[-1][0] if len(held) >= nev else None
         merged = sorted(held + found, key=lambda t: key(t[0]))[:nev]
-        scale = max([abs(t[0]) for t in merged] + [result.norm_estimate if which == "smallest" else 0.0]) or 1.0
+        scale = max([abs(t[0]) for t in merged] + [result.norm_estimate]) or 1.0
         gained = sum(key(lam) < key(threshold) - 10 * tol * scale
                      for lam, _, _ in found) if threshold is not None else len(found)
-        improved = gained > 0
         line = (f"pass {p + 1}: {len(found)} new pairs, best {found[0][0]:.10g}" if found
                 else f"pass {p + 1}: no new pair converged")
         result.pass_log.append(line)
         if log:
-            log(line + f" ({count() - start_matvecs} matvecs so far)")
+            log(line + f" ({earlier_matvecs + count() - start_matvecs} matvecs so far)")
         held = merged
-        result.passes = p + 1
-        if not found or not improved:
-            break
-        want = 1 if p == 0 else min(nev, 2 * gained)
-        if p + 1 == max_passes:
-            raise HessmpiError(f"the eigen solve still found missing copies after {max_passes} passes; "
-                               f"raise the pass limit or ask for fewer eigenpairs")
+        p += 1
+        result.passes = p
+        if not found or gained == 0 or max_passes == 1:
+            want = 0
+        else:
+            want = 1 if p == 1 else min(nev, 2 * gained)
+        if on_pass is not None:
+            on_pass(Progress(np.array([t[0] for t in held]), [t[1] for t in held],
+                             np.array([t[2] for t in held]), p, want, result.iterations,
+                             earlier_matvecs + count() - start_matvecs, result.norm_estimate,
+                             list(result.pass_log), result.solver))
     for _, v, _ in held:  # a deterministic sign: the largest-magnitude entry positive
         arr = v.getArray(readonly=True)
         local = (abs(arr).max(), arr[abs(arr).argmax()]) if arr.size else (-1.0, 0.0)
@@ -163,6 +209,17 @@ def solve(mat: PETSc.Mat, nev: int, which: str = "largest", tol: float = 1e-8,
     result.vectors = [t[1] for t in held]
     result.residuals = np.array([t[2] for t in held])
     result.converged = len(held)
-    result.n_matvecs = count() - start_matvecs
+    result.n_matvecs = earlier_matvecs + count() - start_matvecs
     result.wall_time = time.perf_counter() - t0
     return result
+
+
+def _check_resume(resume: Progress, mat, nev: int) -> None:
+    k = len(resume.values)
+    if not (len(resume.vectors) == len(resume.residuals) == k <= nev):
+        raise HessmpiError(f"cannot resume: the saved progress holds {k} values, {len(resume.vectors)} "
+                           f"vectors and {len(resume.residuals)} residuals for nev={nev}")
+    n = mat.getSize()[0]
+    for v in resume.vectors:
+        if v.getSize() != n:
+            raise HessmpiError(f"cannot resume: a saved vector has {v.getSize()} entries, the operator {n} rows")

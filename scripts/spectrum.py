@@ -6,6 +6,11 @@
 Writes /spectrum/eigenvalues, /spectrum/eigenvectors (nev × n_params, canonical θ
 order), /spectrum/residuals (true ‖Hx−λx‖) and /model/params to --out, and a PNG
 next to it.
+
+With --checkpoint FILE the pairs held after every pass are saved to FILE (atomically,
+by rank 0); a run started again with the same flags and FILE continues from there
+instead of starting over, and gives the eigenvalues of an uninterrupted run. FILE is
+removed once the results are written.
 """
 
 import os
@@ -24,10 +29,13 @@ def main():
         parser.add_argument("--nev", type=int, default=10, help="number of eigenpairs")
         parser.add_argument("--which", default="largest", choices=("largest", "smallest", "magnitude"))
         parser.add_argument("--tol", type=float, default=None,
-                            help="relative residual tolerance (default 1e-8 in float64, 1e-5 in float32)")
+                            help="residual tolerance ‖Hx−λx‖ ≤ tol·‖H‖₂ (default 1e-8 in float64, 1e-5 in float32)")
         parser.add_argument("--max-passes", type=int, default=20,
                             help="deflated passes that look for missing copies of repeated eigenvalues "
                                  "(1 skips the check)")
+        parser.add_argument("--checkpoint", default=None, metavar="FILE",
+                            help="save progress after every pass to FILE and resume from it if it exists "
+                                 "(a job killed by its time limit continues when resubmitted)")
         args = parser.parse_args(ours)
         cli.init_petsc(petsc_args)
         from hessmpi import results
@@ -37,21 +45,39 @@ def main():
             raise cli.HessmpiError(f"--nev must be between 1 and {problem.n_params - 1}, got {args.nev}")
         if args.max_passes < 1:
             raise cli.HessmpiError(f"--max-passes must be at least 1, got {args.max_passes}")
+        tol = args.tol or (1e-8 if args.dtype == "float64" else 1e-5)
+        identity = {"model": args.model, "dataset": args.dataset, "n_samples": problem.n_samples,
+                    "dtype": args.dtype, "seed": args.seed, "which": args.which, "nev": args.nev, "tol": tol}
+        saved = None
         if comm.Get_rank() == 0:
             results.check_output(args.out, args.overwrite)
+            if args.checkpoint:
+                results.check_output(args.checkpoint, overwrite=True)  # its folder exists and is writable
+                saved = load_checkpoint(args.checkpoint, identity, theta)
+    saved = comm.bcast(saved)
     from hessmpi import eigen, plots, results
-    from hessmpi.petsc import shell_matrix, vec_to_full
+    from hessmpi.petsc import shell_matrix, vec_from_full, vec_to_full
 
-    tol = args.tol or (1e-8 if args.dtype == "float64" else 1e-5)
     record = cli.RunRecord(args, comm, problem.n_params, problem.n_samples)
     cli.say(cli.describe_run(args, problem, comm))
     op = problem.hessian
     op.on_matvec = cli.progress_printer()
     mat = shell_matrix(op)
     cli.say(f"solving for the {args.nev} {args.which} eigenpairs (tol {tol:g}, options prefix -hess_)")
+    resume, on_pass = None, None
+    if args.checkpoint:
+        if saved is not None:
+            resume = eigen.Progress(vectors=[vec_from_full(mat, x) for x in saved.pop("vectors")], **saved)
+            cli.say(f"checkpoint {args.checkpoint}: {resume.passes} pass(es) done before")
+
+        def on_pass(progress):
+            vectors = [vec_to_full(v, comm) for v in progress.vectors]
+            if comm.Get_rank() == 0:
+                save_checkpoint(args.checkpoint, progress, vectors, {**record.attrs, **identity}, theta)
+                cli.say(f"  checkpoint: {progress.passes} pass(es) saved to {args.checkpoint}")
     res = eigen.solve(mat, args.nev, args.which, tol=tol, prefix="hess_", seed=args.seed,
                       max_passes=args.max_passes, matvec_counter=lambda: op.n_matvecs,
-                      log=lambda line: cli.say("  " + line))
+                      log=lambda line: cli.say("  " + line), on_pass=on_pass, resume=resume)
     if res.converged == 0:
         raise cli.HessmpiError(f"no eigenpair converged in {res.iterations} iterations; try "
                                f"-hess_eps_max_it, -hess_eps_ncv or a looser --tol")
@@ -67,7 +93,8 @@ def main():
                 f"try -hess_eps_max_it or -hess_eps_ncv")
     attrs = record.finish(n_matvecs=res.n_matvecs, iterations=res.iterations, converged=res.converged,
                           passes=res.passes, eps_type=res.solver, tol=tol, which=args.which,
-                          nev=args.nev, compute_seconds=op.compute_seconds, comm_seconds=op.comm_seconds)
+                          nev=args.nev, compute_seconds=op.compute_seconds, comm_seconds=op.comm_seconds,
+                          resumed_after_pass=resume.passes if resume else 0)
     cli.say(f"{res.n_matvecs} Hessian-vector products in {attrs['wall_time']:.1f} s "
             f"({op.comm_seconds / max(op.compute_seconds + op.comm_seconds, 1e-12):.1%} in communication)")
     if comm.Get_rank() == 0:
@@ -80,6 +107,47 @@ def main():
             plots.spectrum(datasets, attrs, png)
             written.append(png)
         cli.say("wrote " + ", ".join(written))
+        if args.checkpoint and os.path.exists(args.checkpoint):
+            os.unlink(args.checkpoint)
+            cli.say(f"removed the checkpoint {args.checkpoint}")
+
+
+CHECKPOINT_COUNTERS = ("passes", "next_want", "iterations", "n_matvecs", "norm_estimate", "solver")
+
+
+def save_checkpoint(path, progress, vectors, attrs, theta):
+    """Write the solve's progress (full eigenvectors included) and the run's identity to path, atomically."""
+    from hessmpi import results
+
+    datasets = {"checkpoint/values": progress.values, "checkpoint/residuals": progress.residuals,
+                "checkpoint/vectors": np.array(vectors).reshape(len(vectors), len(theta)),
+                "model/params": theta}
+    counters = {name: getattr(progress, name) for name in CHECKPOINT_COUNTERS}
+    results.write(path, datasets, {**attrs, **counters, "pass_log": "\n".join(progress.pass_log)})
+
+
+def load_checkpoint(path, identity, theta):
+    """The saved progress at path as keyword arguments of eigen.Progress (vectors as full
+    arrays), or None if there is no file; raise HessmpiError if it belongs to another run."""
+    from hessmpi import results
+
+    if not os.path.exists(path):
+        return None
+    datasets, attrs = results.read(path)
+    if "checkpoint/vectors" not in datasets:
+        raise cli.HessmpiError(f"--checkpoint {path} is not a spectrum checkpoint; choose another file")
+    differ = [f"{name} {attrs.get(name)!r} there, {value!r} here" for name, value in identity.items()
+              if attrs.get(name) != value]
+    if not np.array_equal(datasets["model/params"], theta):
+        differ.append("other weights")
+    if differ:
+        raise cli.HessmpiError(f"--checkpoint {path} was written by a different run ({'; '.join(differ)}); "
+                               f"delete it to start afresh, or pass another --checkpoint")
+    saved = {name: attrs[name] for name in CHECKPOINT_COUNTERS}
+    saved.update(values=datasets["checkpoint/values"], residuals=datasets["checkpoint/residuals"],
+                 vectors=list(datasets["checkpoint/vectors"]),
+                 pass_log=attrs["pass_log"].split("\n") if attrs["pass_log"] else [])
+    return saved
 
 
 if __name__ == "__main__":
