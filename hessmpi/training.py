@@ -1,0 +1,367 @@
+"""What every training method shares: the regularized objective on the sharded data,
+seeded mini-batches, the per-iteration history, checkpoints, and the loop that runs a method.
+
+The objective is F(θ) = (1/N) Σᵢ ℓᵢ(θ) + γ/2·θᵀRθ over the first N training samples,
+R from `hessmpi.regularize`. Cost is counted in *data sweeps*, the unit of the LRSFN
+authors: a gradient over the N samples is 1 sweep, a Hessian-vector product 2, and
+the same over a mini-batch of B samples B/N of that. What is computed only to record
+the history (accuracies; for stochastic methods the full loss and gradient) is neither
+counted in sweeps nor in the wall time.
+
+A run is a sequence of iterations θ₀ → θ₁ → …; history row k describes θ_k: its
+objective, gradient norm and accuracies, the cumulative cost spent to reach it, and the
+KSP statistics of the step that produced it (zero in row 0). Every row is also a
+checkpoint: the results file is rewritten atomically with θ_k, the history and the
+method's state, so a killed run resumes from its last row and, every method being a
+deterministic function of (seed, iteration), ends where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from . import data, regularize
+from .curvature import LocalCurvature
+from .errors import HessmpiError
+from .operator import DistributedOperator
+
+HISTORY_FIELDS = ("iteration", "loss", "data_loss", "grad_norm", "train_accuracy", "test_accuracy",
+                  "ksp_iterations", "ksp_reason", "step_length", "step_size", "hvps", "sweeps",
+                  "wall_time")
+HISTORY_GROUP = "newton"
+CURVATURES = ("hessian", "ggn")
+
+
+class Cost:
+    """What a run has spent so far: data sweeps, Hessian-vector products, seconds in the method."""
+
+    def __init__(self, sweeps: float = 0.0, hvps: int = 0, seconds: float = 0.0):
+        self.sweeps, self.hvps, self.seconds = sweeps, hvps, seconds
+
+    def restore(self, history: "History") -> None:
+        """Continue from the cumulative cost of the history's last row (a resumed run)."""
+        self.sweeps, self.hvps, self.seconds = (history.last("sweeps"), int(history.last("hvps")),
+                                                history.last("wall_time"))
+
+
+class Objective:
+    """F(θ) = mean training loss + γ/2·θᵀRθ on every rank's shard, its gradient, and accuracies.
+
+    `value_grad(θ)` is collective and returns the same (F, ∇F, mean loss) on every rank.
+    The last point is cached: asking again for the same θ costs nothing. A call with
+    count=False (evaluation for the history) is not charged to `cost`; if the algorithm
+    later needs the same point it is charged then.
+    """
+
+    def __init__(self, problem, regularization: str, gamma: float, cost: Cost, test=None):
+        if not np.isfinite(gamma) or gamma < 0:
+            raise HessmpiError(f"--gamma must be a finite number >= 0, got {gamma}")
+        self.problem = problem
+        self.gamma = float(gamma)
+        self.regularization = regularization
+        self.cost = cost
+        self.test = test  # (LocalCurvature on this rank's test samples, global test count) or None
+        op = problem.hessian
+        self.R = regularize.petsc_matrix(regularization, problem.model, op.lo, op.hi, problem.comm)
+        self._x, self._y = self.R.createVecs()
+        self._cache = None  # (θ, F, g, data loss, charged)
+
+    @property
+    def comm(self):
+        return self.problem.comm
+
+    def penalty(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        """(½θᵀRθ, Rθ), the full vector on every rank (collective)."""
+        op = self.problem.hessian
+        self._x.getArray()[:] = theta[op.lo:op.hi]
+        self.R.mult(self._x, self._y)
+        r_theta = op.gather(self._y.getArray(readonly=True)).copy()
+        return 0.5 * float(theta @ r_theta), r_theta
+
+    def value_grad(self, theta: np.ndarray, count: bool = True) -> tuple[float, np.ndarray, float]:
+        """(F(θ), ∇F(θ), mean data loss at θ); one sweep when count and not cached.
+        Non-finite values are returned as they are (a line search backs off from them)."""
+        c = self._cache
+        if c is not None and np.array_equal(c[0], theta):
+            if count and not c[4]:
+                self.cost.sweeps += 1.0
+                self._cache = (*c[:4], True)
+            return c[1], c[2], c[3]
+        theta = np.array(theta, dtype=np.float64)
+        self.problem.set_params(theta)
+        loss, grad = self.problem.loss_grad()
+        pen, r_theta = self.penalty(theta)
+        value, g = loss + self.gamma * pen, grad + self.gamma * r_theta
+        if count:
+            self.cost.sweeps += 1.0
+        self._cache = (theta, value, g, loss, count)
+        return value, g, loss
+
+    def accuracies(self, theta: np.ndarray) -> tuple[float, float]:
+        """(training accuracy, test accuracy) at θ; test is NaN without a test set (collective)."""
+        self.problem.set_params(theta)
+        train = self.problem.train_accuracy()
+        if self.test is None:
+            return train, float("nan")
+        curv, n_test = self.test
+        curv.set_params(theta)
+        return train, self.comm.allreduce(curv.n_correct()) / n_test
+
+
+def held_out_curvature(problem, n_test: int | None, micro_batch: int):
+    """(LocalCurvature over this rank's block of the first n_test test samples, n_test)."""
+    ds, comm = problem.dataset, problem.comm
+    n_test = ds.n_test if n_test is None else n_test
+    if not 1 <= n_test <= ds.n_test:
+        raise HessmpiError(f"--n-test {n_test} is out of range: {ds.name} has {ds.n_test:,} test samples "
+                           f"(use 1..{ds.n_test})")
+    images, labels = data.select(ds, n_test, comm.Get_size(), comm.Get_rank(), split="test")
+    dtype = problem.curvature.dtype.name
+    return LocalCurvature(problem.model, images, labels, dtype, micro_batch), n_test
+
+
+# ---------------------------------------------------------------- mini-batches
+
+
+def batch_indices(seed: int, n: int, batch: int, step: int, stream: int = 0) -> np.ndarray:
+    """Global indices (in 0..n−1) of mini-batch `step`: the step-th block of `batch` indices
+    of a stream that concatenates seeded permutations of 0..n−1, one per epoch.
+
+    A pure function of its arguments, so a resumed run draws the same batches; `stream`
+    tells independent streams apart (gradient and Hessian batches).
+    """
+    if not 1 <= batch <= n:
+        raise HessmpiError(f"a batch size must be between 1 and the {n:,} training samples, got {batch}")
+    start, stop = step * batch, (step + 1) * batch
+    first, last = start // n, (stop - 1) // n
+    perms = [np.random.default_rng([seed, stream, epoch]).permutation(n) for epoch in range(first, last + 1)]
+    return np.concatenate(perms)[start - first * n:stop - first * n]
+
+
+class LocalBatches:
+    """This rank's training samples, and the curvature of the mini-batch samples it owns.
+
+    images/labels are this rank's block (data.shard_range) of the n training samples.
+    `use(indices)` points one LocalCurvature at the samples of a global mini-batch that
+    fall in this block (possibly none), without retracing TensorFlow functions.
+    """
+
+    def __init__(self, model, images: np.ndarray, labels: np.ndarray, n: int, comm,
+                 dtype: str = "float64", micro_batch: int = 1000):
+        self.n, self.comm = n, comm
+        self.lo, self.hi = data.shard_range(n, comm.Get_size(), comm.Get_rank())
+        if len(labels) != self.hi - self.lo:
+            raise ValueError(f"rank {comm.Get_rank()} owns {self.hi - self.lo} of {n} samples, got {len(labels)}")
+        self.images, self.labels, self.micro_batch = images, labels, micro_batch
+        self.curvature = LocalCurvature(model, images[:0], labels[:0], dtype, micro_batch)
+
+    @classmethod
+    def of(cls, problem, micro_batch: int = 1000) -> "LocalBatches":
+        """The batches of a Problem's training samples."""
+        comm, dtype = problem.comm, problem.curvature.dtype.name
+        images, labels = data.select(problem.dataset, problem.n_samples, comm.Get_size(), comm.Get_rank(),
+                                     dtype=dtype)
+        return cls(problem.model, images, labels, problem.n_samples, comm, dtype, micro_batch)
+
+    def use(self, indices: np.ndarray) -> LocalCurvature:
+        """The curvature over the samples of `indices` owned by this rank (set θ on it after)."""
+        import tensorflow as tf
+
+        mine = np.sort(indices[(indices >= self.lo) & (indices < self.hi)]) - self.lo
+        images, labels = self.images[mine], self.labels[mine]
+        curv, mb = self.curvature, self.micro_batch
+        # LocalCurvature has no public way to swap its samples (see docs/newton.md); its
+        # TensorFlow functions take any batch size, so replacing the chunks retraces nothing.
+        curv.chunk_starts = list(range(0, len(mine), mb))
+        curv.chunks = [(tf.constant(images[i:i + mb], curv.dtype), tf.constant(labels[i:i + mb], tf.int64))
+                       for i in curv.chunk_starts]
+        curv.n_samples = len(mine)
+        return curv
+
+    def gradient(self, objective: Objective, theta: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """∇ of (mean loss over the mini-batch + γ/2·θᵀRθ) at θ, on every rank; charges B/N sweeps."""
+        curv = self.use(indices)
+        curv.set_params(theta)
+        _, grad = curv.loss_grad()
+        out = np.empty_like(grad)
+        from mpi4py import MPI
+
+        self.comm.Allreduce(grad, out, op=MPI.SUM)
+        objective.cost.sweeps += len(indices) / self.n
+        g = out / len(indices)
+        if objective.gamma:
+            g += objective.gamma * objective.penalty(theta)[1]
+        return g
+
+    def hessian(self, theta: np.ndarray, indices: np.ndarray, kind: str = "hessian") -> DistributedOperator:
+        """The mean-loss Hessian (kind 'ggn': Gauss-Newton matrix) over the mini-batch at θ,
+        as a distributed operator."""
+        from .operator import ggn_operator, hessian_operator
+
+        curv = self.use(indices)
+        curv.set_params(theta)
+        return (hessian_operator if kind == "hessian" else ggn_operator)(curv, len(indices), self.comm)
+
+
+class RegularizedOperator:
+    """x ↦ (H + γR)x on the owned block: the objective's Hessian from the data Hessian H.
+
+    Duck-types DistributedOperator (n, n_local, lo, hi, comm, apply, n_matvecs) so that
+    `petsc.shell_matrix` and `eigen.solve` take it as they take H.
+    """
+
+    def __init__(self, hessian: DistributedOperator, R, gamma: float):
+        self.hessian, self.R, self.gamma = hessian, R, gamma
+        self.n, self.comm, self.lo, self.hi = hessian.n, hessian.comm, hessian.lo, hessian.hi
+        self._x, self._y = R.createVecs()
+
+    @property
+    def n_local(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def n_matvecs(self) -> int:
+        return self.hessian.n_matvecs
+
+    def apply(self, x_local: np.ndarray, y_local: np.ndarray | None = None) -> np.ndarray:
+        y_local = self.hessian.apply(x_local, y_local)
+        if self.gamma:
+            self._x.getArray()[:] = x_local
+            self.R.mult(self._x, self._y)
+            y_local += self.gamma * self._y.getArray(readonly=True)
+        return y_local
+
+    def apply_full(self, v: np.ndarray) -> np.ndarray:
+        """The full product on every rank for a full vector v given on every rank."""
+        y = self.apply(np.asarray(v, dtype=np.float64)[self.lo:self.hi])
+        return self.hessian.gather(y).copy()
+
+
+# ---------------------------------------------------------------- history and checkpoints
+
+
+class History:
+    """One row per recorded iterate (HISTORY_FIELDS), kept as lists of floats."""
+
+    def __init__(self, rows: dict | None = None):
+        self.rows = {f: list(map(float, (rows or {}).get(f, []))) for f in HISTORY_FIELDS}
+
+    def __len__(self) -> int:
+        return len(self.rows["iteration"])
+
+    def append(self, **row) -> None:
+        missing = set(HISTORY_FIELDS) - set(row)
+        if missing:
+            raise ValueError(f"history row lacks {sorted(missing)}")
+        for f in HISTORY_FIELDS:
+            self.rows[f].append(float(row[f]))
+
+    def last(self, field: str) -> float:
+        return self.rows[field][-1]
+
+    def datasets(self) -> dict:
+        """{'newton/<field>': array}; iteration, KSP iterations and reasons, HVPs as integers."""
+        ints = {"iteration", "ksp_iterations", "ksp_reason", "hvps"}
+        return {f"{HISTORY_GROUP}/{f}": np.asarray(v, dtype=np.int64 if f in ints else np.float64)
+                for f, v in self.rows.items()}
+
+
+def save(path: str, theta: np.ndarray, history: History, state: dict, attrs: dict) -> None:
+    """Write the results file (atomically): θ, the history, the method's state under /checkpoint."""
+    from . import results
+
+    datasets = history.datasets()
+    datasets["model/params"] = theta
+    for key, value in state.items():
+        datasets[f"checkpoint/{key}"] = np.asarray(value)
+    results.write(path, datasets, attrs)
+
+
+def load_checkpoint(path: str, config: dict, comm):
+    """(θ, History, state, attrs) from a results file written by `save` with the same config.
+
+    Rank 0 reads; every rank receives the same values. Raises HessmpiError if the file
+    was written by a run with different settings (other than the iteration budget).
+    """
+    from . import results
+
+    loaded = None
+    error = None
+    if comm.Get_rank() == 0:
+        try:
+            datasets, attrs = results.read(path, "newton")
+            loaded = (datasets, attrs)
+        except HessmpiError as e:
+            error = str(e)
+    error, loaded = comm.bcast((error, loaded))
+    if error:
+        raise HessmpiError(f"--resume: {error}")
+    datasets, attrs = loaded
+    stored = json.loads(attrs.get("config", "{}"))
+    differ = [f"{k}: {stored.get(k)!r} in the file, {v!r} now" for k, v in config.items()
+              if stored.get(k) != v]
+    if differ:
+        raise HessmpiError(f"--resume: {path} was written with other settings ({'; '.join(differ)}); "
+                           "run with the same flags, or drop --resume and pass --overwrite to start over")
+    history = History({f: datasets[f"{HISTORY_GROUP}/{f}"] for f in HISTORY_FIELDS})
+    state = {k[len("checkpoint/"):]: v for k, v in datasets.items() if k.startswith("checkpoint/")}
+    return np.asarray(datasets["model/params"], dtype=np.float64), history, state, attrs
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def record(history: History, objective: Objective, theta: np.ndarray, iteration: int,
+           step: dict | None = None) -> None:
+    """Append the row of iterate θ (collective)."""
+    value, g, loss = objective.value_grad(theta, count=False)
+    train, test = objective.accuracies(theta)
+    step = step or {}
+    c = objective.cost
+    history.append(iteration=iteration, loss=value, data_loss=loss, grad_norm=float(np.linalg.norm(g)),
+                   train_accuracy=train, test_accuracy=test,
+                   ksp_iterations=step.get("ksp_iterations", 0), ksp_reason=step.get("ksp_reason", 0),
+                   step_length=step.get("step_length", 0.0), step_size=step.get("step_size", 0.0),
+                   hvps=c.hvps, sweeps=c.sweeps, wall_time=c.seconds)
+
+
+def run(method, objective: Objective, theta: np.ndarray, history: History, iterations: int,
+        record_every: int = 1, stop_after: int | None = None, gtol: float = 0.0,
+        checkpoint=None, log=None) -> tuple[np.ndarray, str]:
+    """Iterate `method.step(θ, k) -> (θ, step info)` from the last recorded iteration to `iterations`.
+
+    A row is recorded, then passed to `checkpoint(θ, history)` and `log(history)`, for
+    θ₀ (if the history is empty), every `record_every` iterations and at the last. The
+    loop ends early when a recorded gradient norm is at most gtol, when a step fails or
+    the objective stops being finite, or after `stop_after` iterations of this process
+    (as if killed). Returns (θ, why it stopped: 'iterations', 'gtol', 'stopped' or the failure).
+    """
+    def row(k, info=None):
+        record(history, objective, theta, k, info)
+        if checkpoint:
+            checkpoint(theta, history)
+        if log:
+            log(history)
+
+    if not len(history):
+        row(0)
+    k = int(history.last("iteration"))
+    for done_here in range(iterations - k):
+        if history.last("grad_norm") <= gtol:
+            return theta, "gtol"
+        if stop_after is not None and done_here >= stop_after:
+            return theta, "stopped"
+        t0 = time.perf_counter()
+        theta, info = method.step(theta, k)
+        objective.cost.seconds += time.perf_counter() - t0
+        k += 1
+        if k % record_every == 0 or k == iterations or "failed" in info:
+            row(k, info)
+            if "failed" in info:
+                return theta, info["failed"]
+            if not np.isfinite(history.last("loss")):
+                return theta, "diverged: the objective is not finite (lower the learning rate)"
+    return theta, "gtol" if history.last("grad_norm") <= gtol else "iterations"

@@ -1,0 +1,486 @@
+"""Tests of the training methods (hessmpi.newton, lrsfn, first_order) and the regularizers
+they use, against dense references built independently on tiny models, numpy and scipy.
+
+Runs at any rank count: every rank builds the same reference on the full data and the
+method on its own shard; assertions are collective.
+"""
+
+import numpy as np
+import pytest
+
+import petsc4py
+
+petsc4py.init()
+
+from hessmpi import runtime  # noqa: E402
+
+runtime.configure_threads(1)
+tf = runtime.import_tensorflow()
+
+from hessmpi import curvature, data, models, operator, regularize, training  # noqa: E402
+from hessmpi.first_order import KerasOptimizer  # noqa: E402
+from hessmpi.lrsfn import LowRankSaddleFreeNewton  # noqa: E402
+from hessmpi.newton import NewtonCG, reason_name  # noqa: E402
+from hessmpi.problem import Problem  # noqa: E402
+
+import cases  # noqa: E402
+from mpi_util import collective_assert, comm  # noqa: E402
+
+COMM = comm()
+SOFTMAX_CASE = {"id": "softmax-N13", "model": cases.SOFTMAX_TINY, "seed": 40, "noise": 0.3, "data_seed": 41,
+                "n_samples": 13}
+CNN_CASE = {"id": "cnn-N11", "model": cases.CNN_TINY, "seed": 42, "noise": 0.3, "data_seed": 43,
+            "n_samples": 11}
+
+
+class ArrayProblem:
+    """problem.Problem's interface over in-memory arrays, each rank holding its block
+    (tiny models, whose images are not 28×28)."""
+
+    def __init__(self, model, images, labels, comm=COMM):
+        n = len(labels)
+        lo, hi = data.shard_range(n, comm.Get_size(), comm.Get_rank())
+        self.model, self.comm, self.n_samples, self.n_params = model, comm, n, model.n_params
+        self.curvature = curvature.LocalCurvature(model, images[lo:hi], labels[lo:hi])
+        self.hessian = operator.hessian_operator(self.curvature, n, comm)
+        self.images, self.labels = images[lo:hi], labels[lo:hi]
+
+    def set_params(self, theta):
+        self.curvature.set_params(theta)
+
+    def loss_grad(self):
+        loss, grad = self.curvature.loss_grad()
+        return self.hessian.allreduce_sum(loss) / self.n_samples, self.hessian.allreduce_sum(grad) / self.n_samples
+
+    def train_accuracy(self):
+        return self.hessian.allreduce_sum(self.curvature.n_correct()) / self.n_samples
+
+
+# ---------------------------------------------------------------- independent references
+
+
+def tf_penalty(kind, theta, side):
+    """½θᵀRθ written in TensorFlow: ½‖θ‖², or ½Σₖ‖conv(Wₖ, stencil)‖² with zero padding."""
+    if kind == "l2":
+        return 0.5 * tf.reduce_sum(theta ** 2)
+    images = tf.transpose(tf.reshape(theta, (side, side, 10)), (2, 0, 1))[..., None]
+    kernel = tf.constant(regularize.STENCIL, theta.dtype)[:, :, None, None]
+    return 0.5 * tf.reduce_sum(tf.nn.conv2d(images, kernel, 1, "SAME") ** 2)
+
+
+def penalty_hessian(kind, model):
+    """∂²(½θᵀRθ)/∂θ² by nested GradientTapes (at a random θ; it is constant)."""
+    th = tf.constant(np.random.default_rng(0).standard_normal(model.n_params))
+    with tf.GradientTape() as outer:
+        outer.watch(th)
+        with tf.GradientTape() as inner:
+            inner.watch(th)
+            value = tf_penalty(kind, th, model.image_size)
+        grad = inner.gradient(value, th)
+    return outer.jacobian(grad, th).numpy()
+
+
+def dense_hessian(model, theta, images, labels):
+    """(1/N) ∂²(Σ loss)/∂θ² by nested GradientTapes, the Jacobian of the gradient taken
+    column by column in one tf.function (three times faster than pfor on the tiny CNN)."""
+    x, y = tf.constant(images), tf.constant(labels)
+
+    @tf.function
+    def hessian(th):
+        with tf.GradientTape() as outer:
+            outer.watch(th)
+            with tf.GradientTape() as inner:
+                inner.watch(th)
+                loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    labels=y, logits=model.logits(th, x)))
+            grad = inner.gradient(loss, th)
+        return outer.jacobian(grad, th, experimental_use_pfor=False)
+
+    return hessian(tf.constant(theta)).numpy() / len(labels)
+
+
+def dense_objective(model, theta, images, labels, gamma, R, hessian=True):
+    """(F, ∇F, ∇²F or None) of mean loss + γ/2·θᵀRθ by TensorFlow autodiff, independent of hessmpi."""
+    th = tf.constant(theta)
+    x, y = tf.constant(images), tf.constant(labels)
+    with tf.GradientTape() as tape:
+        tape.watch(th)
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=model.logits(th, x)))
+    g = tape.gradient(loss, th).numpy() + gamma * R @ theta
+    H = dense_hessian(model, theta, images, labels) + gamma * R if hessian else None
+    return float(loss) + 0.5 * gamma * theta @ R @ theta, g, H
+
+
+_DATA_HESSIANS = {}
+
+
+def setup(case, kind="l2", gamma=0.0, hessian=True):
+    """The case built, its ArrayProblem and Objective, and the dense F, ∇F, ∇²F (if hessian)
+    at θ (the data Hessian is computed once per case: the CNN's costs seconds)."""
+    built = cases.build(case, dense=False)
+    problem = ArrayProblem(built.model, built.images, built.labels)
+    objective = training.Objective(problem, kind, gamma, training.Cost())
+    R = regularize.dense_matrix(kind, built.model)
+    F, g, _ = dense_objective(built.model, built.theta, built.images, built.labels, gamma, R, hessian=False)
+    return built, problem, objective, F, g, (data_hessian(case) + gamma * R if hessian else None)
+
+
+def data_hessian(case):
+    """The dense Hessian of the case's mean loss at its θ, computed once per case."""
+    if case["id"] not in _DATA_HESSIANS:
+        built = cases.build(case, dense=False)
+        _DATA_HESSIANS[case["id"]] = dense_hessian(built.model, built.theta, built.images, built.labels)
+    return _DATA_HESSIANS[case["id"]]
+
+
+def truncated_cg(H, b, tol, max_it):
+    """Textbook CG on Hx = b from x = 0 that stops before a direction of nonpositive curvature
+    (Nocedal & Wright, Algorithm 7.1): the reference for the negative-curvature safeguard."""
+    x, r = np.zeros_like(b), b.copy()
+    p = r.copy()
+    for it in range(max_it):
+        Hp = H @ p
+        kappa = p @ Hp
+        if kappa <= 0:
+            return x, it, "negative curvature"
+        alpha = (r @ r) / kappa
+        x = x + alpha * p
+        r_new = r - alpha * Hp
+        if np.linalg.norm(r_new) <= tol * np.linalg.norm(b):
+            return x, it + 1, "converged"
+        p = r_new + (r_new @ r_new) / (r @ r) * p
+        r = r_new
+    return x, max_it, "max_it"
+
+
+# ---------------------------------------------------------------- regularizers
+
+
+@pytest.mark.parametrize("kind", regularize.REGULARIZERS)
+def test_regularizer_matrix_is_the_autodiff_hessian_of_its_penalty(kind):
+    model = models.get_model("softmax", image_size=4)
+    theta = np.random.default_rng(1).standard_normal(model.n_params)
+    value_ok = True
+    if kind == "laplacian":  # the TF penalty is the lead's numpy penalty
+        value = float(tf_penalty(kind, tf.constant(theta), 4))
+        value_ok = abs(value - regularize.laplacian_penalty(theta, side=4)) <= 1e-12 * abs(value)
+    reference = penalty_hessian(kind, model)
+    op = operator.DistributedOperator(lambda v: v, model.n_params, 1.0, COMM)  # for the layout only
+    R = regularize.petsc_matrix(kind, model, op.lo, op.hi, COMM)
+    x, y = R.createVecs()
+    columns = []
+    for e in np.eye(model.n_params):
+        x.getArray()[:] = e[op.lo:op.hi]
+        R.mult(x, y)
+        columns.append(op.gather(y.getArray(readonly=True)).copy())
+    err = cases.rel_error(np.column_stack(columns), reference)
+    dense_err = cases.rel_error(regularize.dense_matrix(kind, model), reference)
+    collective_assert(value_ok and err <= 1e-13 and dense_err <= 1e-13,
+                      f"{kind}: penalty value ok {value_ok}, ‖R_petsc − ∇²‖/‖∇²‖ = {err:.1e}, dense {dense_err:.1e}")
+
+
+def test_full_size_laplacian_product_is_the_autodiff_hvp():
+    """R·v on the 28×28 softmax model against the TF gradient of v ↦ ½vᵀRv (= Rv)."""
+    model = models.get_model("softmax")
+    v = np.random.default_rng(2).standard_normal(model.n_params)
+    th = tf.constant(v)
+    with tf.GradientTape() as tape:
+        tape.watch(th)
+        value = tf_penalty("laplacian", th, 28)
+    reference = tape.gradient(value, th).numpy()
+    problem = type("P", (), {})()
+    problem.hessian = operator.DistributedOperator(lambda x: x, model.n_params, 1.0, COMM)
+    problem.model, problem.comm = model, COMM
+    objective = training.Objective(problem, "laplacian", 1.0, training.Cost())
+    pen, rv = objective.penalty(v)
+    collective_assert(cases.rel_error(rv, reference) <= 1e-13 and abs(pen - float(value)) <= 1e-12 * pen,
+                      f"‖Rv − ∇penalty‖ rel {cases.rel_error(rv, reference):.1e}; penalty {pen} vs {float(value)}")
+
+
+# ---------------------------------------------------------------- Newton-CG
+
+
+@pytest.mark.parametrize("case,kind", [(SOFTMAX_CASE, "l2"), (SOFTMAX_CASE, "laplacian"), (CNN_CASE, "l2")],
+                         ids=["softmax-l2", "softmax-laplacian", "cnn-l2"])  # the Laplacian is for softmax only
+def test_newton_step_equals_dense_solve(case, kind):
+    # γ making H + γR positive definite, so that the Newton step is defined.
+    gamma = max(0.05, 0.05 - np.linalg.eigvalsh(data_hessian(case))[0]) if kind == "l2" else 0.05
+    built, problem, objective, F, g, H = setup(case, kind, gamma)
+    R = regularize.dense_matrix(kind, built.model)
+    pd = np.linalg.eigvalsh(H)[0] > 0
+    newton = NewtonCG(objective, eta_max=1e-13)
+    theta_new, info = newton.step(built.theta, 0)
+    p = np.linalg.solve(H, -g)
+    d = (theta_new - built.theta) / info["step_size"]
+    # The line search: the first α in 1, ½, … meeting Armijo on the dense objective.
+    alpha = 1.0
+    while dense_objective(built.model, built.theta + alpha * p, built.images, built.labels, gamma, R,
+                          hessian=False)[0] > F + 1e-4 * alpha * g @ p:
+        alpha /= 2
+    collective_assert(pd and cases.rel_error(d, p) <= 1e-9 and info["step_size"] == alpha
+                      and reason_name(info["ksp_reason"]) == "CONVERGED_RTOL" and not info["fallback"],
+                      f"{kind}: H+γR pd {pd}; ‖p − p_dense‖/‖p_dense‖ = {cases.rel_error(d, p):.1e}; "
+                      f"α {info['step_size']} vs {alpha}; {reason_name(info['ksp_reason'])}")
+    newton.destroy()
+
+
+def dense_ggn(model, theta, images):
+    """(1/N) Σᵢ Jᵢᵀ(diag(pᵢ) − pᵢpᵢᵀ)Jᵢ with Jᵢ the Jacobian of sample i's logits (TF, dense)."""
+    x = tf.constant(images)
+
+    @tf.function
+    def jacobian(th):
+        with tf.GradientTape() as tape:
+            tape.watch(th)
+            z = model.logits(th, x)
+        return z, tape.jacobian(z, th, experimental_use_pfor=False)
+
+    z, J = (t.numpy() for t in jacobian(tf.constant(theta)))
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return sum(J[i].T @ (np.diag(p[i]) - np.outer(p[i], p[i])) @ J[i] for i in range(len(z))) / len(z)
+
+
+def test_gauss_newton_and_subsampled_directions_equal_dense_solves():
+    """curvature='ggn' solves (G + γI)p = −g on the CNN; a Hessian mini-batch solves
+    (H_b + γI)p = −g with H_b the dense Hessian of the iteration's seeded batch (softmax)."""
+    gamma = 0.05
+    built, problem, objective, F, g, _ = setup(CNN_CASE, "l2", gamma, hessian=False)
+    G = dense_ggn(built.model, built.theta, built.images) + gamma * np.eye(built.model.n_params)
+    newton = NewtonCG(objective, eta_max=1e-13, curvature="ggn")
+    d, info = newton.direction(built.theta, g)
+    newton.destroy()
+    ggn_err = cases.rel_error(d, np.linalg.solve(G, -g))
+
+    built, problem, objective, F, g, _ = setup(SOFTMAX_CASE, "l2", gamma, hessian=False)
+    n = len(built.labels)
+    batches = training.LocalBatches(built.model, problem.images, problem.labels, n, COMM)
+    newton = NewtonCG(objective, eta_max=1e-13, batches=batches, hessian_batch=5, seed=9)
+    d, info_b = newton.direction(built.theta, g, iteration=3)
+    newton.destroy()
+    idx = training.batch_indices(9, n, 5, 3, stream=2)
+    H_b = dense_hessian(built.model, built.theta, built.images[idx], built.labels[idx]) + gamma * np.eye(160)
+    batch_err = cases.rel_error(d, np.linalg.solve(H_b, -g))
+    sweeps = objective.cost.sweeps
+    collective_assert(ggn_err <= 1e-9 and batch_err <= 1e-9 and abs(sweeps - 2 * 5 / n * info_b["hvps"]) < 1e-12,
+                      f"GGN direction rel error {ggn_err:.1e}; sub-sampled {batch_err:.1e}; "
+                      f"sweeps {sweeps} for {info_b['hvps']} batch products")
+
+
+def test_negative_curvature_stops_cg_like_truncated_newton():
+    """On an indefinite CNN Hessian (γ = 0) the KSP returns the CG iterate reached before the
+    first direction of nonpositive curvature (or −g if that is the first one)."""
+    built, problem, objective, F, g, H = setup(CNN_CASE, "l2", 0.0)
+    lam = np.linalg.eigvalsh(H)
+    newton = NewtonCG(objective, eta_max=1e-13)
+    d, info = newton.direction(built.theta, g)
+    x, its, why = truncated_cg(H, -g, 1e-13, 1000)
+    expected = x if np.any(x) else -g
+    collective_assert(lam[0] < -1e-6 and why == "negative curvature"
+                      and reason_name(info["ksp_reason"]) == "CONVERGED_CG_NEG_CURVE"
+                      and cases.rel_error(d, expected) <= 1e-8 and g @ d < 0,
+                      f"λmin {lam[0]:.2e}; reference stopped by {why} after {its}; KSP "
+                      f"{reason_name(info['ksp_reason'])} after {info['ksp_iterations']}; "
+                      f"‖d − d_ref‖ rel {cases.rel_error(d, expected):.1e}; gᵀd {g @ d:.2e}")
+    newton.destroy()
+
+
+def test_forcing_term_follows_eisenstat_walker():
+    built, problem, objective, F, g, H = setup(SOFTMAX_CASE, "l2", 0.1, hessian=False)
+    newton = NewtonCG(objective, eta_max=0.5, ew_alpha=2.0)
+    first = newton.forcing_term(1.0)
+    newton.previous = (1.0, 0.5)
+    fast = newton.forcing_term(0.1)  # 0.9·0.1² = 0.009, but the safeguard 0.9·0.5² = 0.225 > 0.1 wins
+    newton.previous = (1.0, 0.2)
+    fast2 = newton.forcing_term(0.1)  # safeguard 0.036 < 0.1: the plain choice 0.009
+    collective_assert(first == 0.5 and abs(fast - 0.225) < 1e-15 and abs(fast2 - 0.009) < 1e-15,
+                      f"η₀ {first}, {fast}, {fast2}")
+    newton.destroy()
+
+
+# ---------------------------------------------------------------- the softmax optimum against scipy
+
+
+def numpy_objective(X, y, gamma, kind, side=28):
+    """F and ∇F of mean softmax cross-entropy + γ/2·θᵀRθ in numpy, R applied by the stencil
+    (the Laplacian is symmetric, so Rθ = L(Lθ) image by image)."""
+    Y = np.eye(10)[y]
+
+    def lap(w):  # zero-padded 3×3 stencil on (side, side, 10)
+        padded = np.pad(w, ((1, 1), (1, 1), (0, 0)))
+        return sum(regularize.STENCIL[a, b] * padded[a:a + side, b:b + side] for a in range(3) for b in range(3))
+
+    def f(theta):
+        W = theta.reshape(-1, 10)
+        Z = X @ W
+        Z = Z - Z.max(axis=1, keepdims=True)
+        logp = Z - np.log(np.exp(Z).sum(axis=1, keepdims=True))
+        loss = -np.mean(np.sum(Y * logp, axis=1))
+        grad = X.T @ (np.exp(logp) - Y) / len(y)
+        if kind == "l2":
+            r_theta = theta
+        else:
+            r_theta = lap(lap(theta.reshape(side, side, 10))).ravel()
+        return loss + 0.5 * gamma * theta @ r_theta, grad.ravel() + gamma * r_theta
+
+    return f
+
+
+SCIPY_CASES = [
+    # the real softmax model on the first 100 bundled digits
+    {"id": "l2-mnist", "kind": "l2", "gamma": 1e-2, "n": 100},
+    # the Laplacian on 8×8 weight images (random images): the 28×28 one needs ~10³ HVPs
+    {"id": "laplacian-8x8", "kind": "laplacian", "gamma": 1e-3, "n": 40, "side": 8},
+]
+
+
+@pytest.mark.parametrize("case", SCIPY_CASES, ids=lambda c: c["id"])
+def test_softmax_newton_reaches_the_scipy_optimum(case):
+    import scipy.optimize
+
+    kind, gamma, n, side = case["kind"], case["gamma"], case["n"], case.get("side", 28)
+    model = models.get_model("softmax", image_size=side)
+    if side == 28:
+        ds = data.load("mnist-5k")
+        problem = Problem(model, ds, n, COMM)
+        X, y = data.select(ds, n, 1, 0)
+    else:
+        X, y = cases.random_data(model, n, seed=44)
+        problem = ArrayProblem(model, X, y)
+    objective = training.Objective(problem, kind, gamma, training.Cost())
+    newton = NewtonCG(objective)
+    history = training.History()
+    theta, why = training.run(newton, objective, model.init(0), history, 15, gtol=1e-10)
+    newton.destroy()
+    f = numpy_objective(X.reshape(n, -1), y, gamma, kind, side)
+    ref = scipy.optimize.minimize(f, np.zeros(model.n_params), jac=True, method="L-BFGS-B",
+                                  options={"maxiter": 20000, "maxfun": 40000, "ftol": 1e-16, "gtol": 1e-11,
+                                           "maxcor": 30})
+    F = history.last("loss")
+    rel = abs(F - ref.fun) / abs(ref.fun)
+    g = history.rows["grad_norm"]
+    collective_assert(why == "gtol" and len(g) - 1 <= 15 and g[-1] < 1e-8 and rel <= 1e-9
+                      and np.linalg.norm(ref.jac) < 1e-6,
+                      f"{kind}: stopped by {why} after {len(g) - 1} iterations, ‖g‖ {g[-1]:.1e}; "
+                      f"F {F:.15e} vs L-BFGS {ref.fun:.15e} (rel {rel:.1e}, its {ref.nit}, "
+                      f"‖g_ref‖ {np.linalg.norm(ref.jac):.1e})")
+
+
+# ---------------------------------------------------------------- LRSFN
+
+
+@pytest.mark.parametrize("case,hessian_batch", [(SOFTMAX_CASE, 6), (CNN_CASE, 11)], ids=["softmax", "cnn"])
+def test_lrsfn_step_equals_the_dense_formula(case, hessian_batch):
+    """On the CNN (indefinite H, so |Λ| matters) the Hessian batch is every sample, whose
+    dense Hessian is already known; the softmax case draws a real Hessian mini-batch."""
+    gamma, rank, damping, lr, seed = 0.01, 4, 0.1, 0.5, 3
+    built, problem, objective, F, g, H = setup(case, "l2", gamma)
+    n = len(built.labels)
+    batches = training.LocalBatches(built.model, problem.images, problem.labels, n, COMM)
+    method = LowRankSaddleFreeNewton(objective, batches, seed, rank=rank, batch_size=7,
+                                     hessian_batch=hessian_batch, damping=damping, learning_rate=lr, tol=1e-12)
+    iteration = 2
+    theta_new, info = method.step(built.theta, iteration)
+    g_idx = training.batch_indices(seed, n, 7, iteration, stream=0)
+    h_idx = training.batch_indices(seed, n, hessian_batch, iteration, stream=1)
+    R = np.eye(built.model.n_params)
+    g_b = dense_objective(built.model, built.theta, built.images[g_idx], built.labels[g_idx], gamma, R,
+                          hessian=False)[1]
+    H_b = H if hessian_batch == n else dense_objective(built.model, built.theta, built.images[h_idx],
+                                                       built.labels[h_idx], gamma, R)[2]
+    lam, Q = np.linalg.eigh(H_b)
+    order = np.argsort(-np.abs(lam))
+    lam, V = lam[order[:rank]], Q[:, order[:rank]]
+    gap = np.abs(lam[-1]) - np.abs(np.linalg.eigvalsh(H_b)[order[rank]])
+    c = V.T @ g_b
+    expected = built.theta - lr * (V @ (c / (np.abs(lam) + damping)) + (g_b - V @ c) / damping)
+    err = cases.rel_error(theta_new - built.theta, expected - built.theta)
+    indefinite = bool(np.any(lam < 0)) if case is CNN_CASE else True  # |Λ| differs from Λ
+    collective_assert(gap > 1e-6 and indefinite and err <= 1e-8
+                      and np.allclose(np.sort(info["eigenvalues"]), np.sort(lam)),
+                      f"gap {gap:.1e}; indefinite {indefinite}; ‖Δθ − Δθ_dense‖ rel {err:.1e}; "
+                      f"λ {info['eigenvalues']} vs {lam}")
+
+
+# ---------------------------------------------------------------- first-order baselines
+
+
+def test_sgd_and_adam_steps_follow_their_formulas():
+    built, problem, objective, F, g, H = setup(SOFTMAX_CASE, "l2", 0.01, hessian=False)
+    n = len(built.labels)
+    batches = training.LocalBatches(built.model, problem.images, problem.labels, n, COMM)
+    R = np.eye(built.model.n_params)
+    messages, ok = [], True
+    for name, lr in (("sgd", 0.5), ("adam", 0.01)):
+        opt = KerasOptimizer(name, objective, batches, seed=5, batch_size=4, learning_rate=lr)
+        theta, expected = built.theta.copy(), built.theta.copy()
+        m, v = np.zeros_like(theta), np.zeros_like(theta)
+        for step in range(3):
+            idx = training.batch_indices(5, n, 4, step)
+            gb = dense_objective(built.model, expected, built.images[idx], built.labels[idx], 0.01, R,
+                                 hessian=False)[1]
+            if name == "sgd":
+                expected = expected - lr * gb
+            else:  # Adam (Kingma & Ba) as Keras computes it: ε = 1e-7; the learning rate and
+                # the β of the bias corrections pass through float32 tensors
+                m, v = m + (gb - m) * (1 - 0.9), v + (gb ** 2 - v) * (1 - 0.999)
+                b1, b2 = float(np.float32(0.9)), float(np.float32(0.999))
+                lr_t = float(np.float32(lr)) * np.sqrt(1 - b2 ** (step + 1)) / (1 - b1 ** (step + 1))
+                expected = expected - m * lr_t / (np.sqrt(v) + 1e-7)
+            theta, _ = opt.step(theta, step)
+        err = cases.rel_error(theta - built.theta, expected - built.theta)
+        ok = ok and err <= 1e-10
+        messages.append(f"{name}: rel error {err:.1e}")
+    collective_assert(ok, "; ".join(messages))
+
+
+# ---------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("method_name", ["newton", "adam", "lrsfn"])
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(method_name, shared_tmp_path):
+    """Run 4 iterations; then 2, save, build everything afresh, load and run 2 more: the
+    same θ, bit for bit, and the same history."""
+    built = cases.build(SOFTMAX_CASE, dense=False)
+    n = len(built.labels)
+    # The data and its TensorFlow functions are shared; objective (with its cache) and method are new.
+    problem = ArrayProblem(built.model, built.images, built.labels)
+    batches = training.LocalBatches(built.model, problem.images, problem.labels, n, COMM)
+
+    def fresh():
+        objective = training.Objective(problem, "l2", 0.05, training.Cost())
+        if method_name == "newton":
+            return objective, NewtonCG(objective)
+        if method_name == "lrsfn":
+            return objective, LowRankSaddleFreeNewton(objective, batches, 1, rank=3, batch_size=5,
+                                                      hessian_batch=4, learning_rate=0.5)
+        return objective, KerasOptimizer(method_name, objective, batches, seed=1, batch_size=5,
+                                         learning_rate=0.05)
+
+    attrs = {a: "x" for a in ("model", "dataset", "n_params", "n_samples", "n_ranks", "dtype",
+                              "hessmpi_version", "command")}
+    attrs["config"] = "{}"
+    objective, method = fresh()
+    whole = training.History()
+    theta_whole, _ = training.run(method, objective, built.theta, whole, 4)
+    path = str(shared_tmp_path / f"resume-{method_name}.h5")
+    objective, method = fresh()
+    part = training.History()
+
+    def checkpoint(theta, history):
+        if COMM.Get_rank() == 0:
+            training.save(path, theta, history, method.state(), attrs)
+        COMM.Barrier()
+
+    theta_part, why = training.run(method, objective, built.theta, part, 4, stop_after=2, checkpoint=checkpoint)
+    objective, method = fresh()
+    theta, history, state, _ = training.load_checkpoint(path, {}, COMM)
+    method.restore(state)
+    objective.cost.restore(history)
+    theta_end, _ = training.run(method, objective, theta, history, 4)
+    same = np.array_equal(theta_end, theta_whole)
+    rows_same = all(np.array_equal(history.rows[f], whole.rows[f])
+                    for f in ("iteration", "loss", "grad_norm", "ksp_iterations", "sweeps", "hvps"))
+    collective_assert(why == "stopped" and len(part) == 3 and same and rows_same,
+                      f"{method_name}: stop reason {why}, {len(part)} rows; θ equal {same} "
+                      f"(max diff {np.abs(theta_end - theta_whole).max():.1e}); history equal {rows_same}")
