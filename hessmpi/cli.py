@@ -69,6 +69,11 @@ def common_parser(description: str, default_out: str) -> ArgumentParser:
     p.add_argument("--hvp-mode", default="reverse-over-reverse",
                    choices=("reverse-over-reverse", "forward-over-reverse"))
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG next to the results file")
+    p.add_argument("--operator", default="hessian", choices=("hessian", "ggn"),
+                   help="the curvature matrix to analyse: the Hessian or the generalized Gauss-Newton matrix")
+    p.add_argument("--layer", default=None, metavar="NAME",
+                   help="analyse only this layer's diagonal block of the matrix, e.g. conv1 or "
+                        "dense2/kernel (names from the model's layout; default: all parameters)")
     return p
 
 
@@ -156,13 +161,18 @@ def problem_from_args(args, comm):
     if args.micro_batch < 1:
         raise HessmpiError(f"--micro-batch must be at least 1, got {args.micro_batch}")
     model = get_model(args.model)
+    if getattr(args, "layer", None):
+        from .problem import layer_block
+
+        layer_block(model, args.layer)  # an unknown name fails here, before any data is read
     dataset = data.load(args.dataset, args.data_dir, seed=args.seed)
     if args.n_samples is not None and not 1 <= args.n_samples <= dataset.n_train:
         raise HessmpiError(f"--n-samples {args.n_samples} is out of range: {args.dataset} has "
                            f"{dataset.n_train:,} training samples (use 1..{dataset.n_train})")
     theta = (results.load_weights(args.weights, model.n_params) if args.weights
              else model.init(args.seed))
-    problem = Problem(model, dataset, args.n_samples, comm, args.dtype, args.micro_batch, args.hvp_mode)
+    problem = Problem(model, dataset, args.n_samples, comm, args.dtype, args.micro_batch, args.hvp_mode,
+                      operator=getattr(args, "operator", "hessian"), layer=getattr(args, "layer", None))
     problem.set_params(theta)
     return problem, np.asarray(theta)
 

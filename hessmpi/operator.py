@@ -97,3 +97,29 @@ class DistributedOperator:
 def hessian_operator(curvature, n_global: int, comm: MPI.Comm) -> DistributedOperator:
     """The mean-loss Hessian over all ranks' shards: (1/n_global) Σ_shards H_shard."""
     return DistributedOperator(curvature.hvp, curvature.n_params, 1.0 / n_global, comm)
+
+
+def ggn_operator(curvature, n_global: int, comm: MPI.Comm) -> DistributedOperator:
+    """The mean-loss generalized Gauss-Newton matrix over all ranks' shards:
+    (1/n_global) Σ_shards Σᵢ Jᵢᵀ(∇²_z ℓᵢ)Jᵢ, symmetric positive semi-definite."""
+    return DistributedOperator(curvature.ggn, curvature.n_params, 1.0 / n_global, comm)
+
+
+def restrict(op: DistributedOperator, start: int, stop: int) -> DistributedOperator:
+    """The diagonal block op[start:stop, start:stop] as an operator of size stop − start.
+
+    Its products embed x in a zero vector of op's size, apply op's local product and
+    keep entries start:stop, so each costs one full local product of op. It counts
+    its own products (op's counter does not move) and keeps `block = slice(start, stop)`.
+    """
+    if not 0 <= start < stop <= op.n:
+        raise ValueError(f"block [{start}, {stop}) is not inside an operator of size {op.n}")
+    padded = np.zeros(op.n)
+
+    def local_product(v_block):
+        padded[start:stop] = v_block
+        return op.local_product(padded)[start:stop]
+
+    block = DistributedOperator(local_product, stop - start, op.scale, op.comm)
+    block.block = slice(start, stop)
+    return block

@@ -1,8 +1,14 @@
-"""A model on data sharded over all ranks: global mean loss, gradient, accuracy and Hessian.
+"""A model on data sharded over all ranks: global mean loss, gradient, accuracy and curvature operators.
 
 This is the one place where the shard's sums become means over the global sample
-count, so every analysis (spectra, ranks, Newton) sees the same objective:
+count, so every analysis (spectra, ranks, densities, Newton) sees the same objective:
 L(θ) = (1/N) Σᵢ ℓᵢ(θ) over the first N samples of the dataset.
+
+Two curvature matrices of L are available, each as a distributed operator: the
+Hessian (`problem.hessian`) and the generalized Gauss-Newton matrix (`problem.ggn`).
+`problem.operator` is the one an analysis should run on: the Hessian or the GGN,
+over all of θ or restricted to one layer's block of θ (`operator_kind`, `layer`,
+`block` say which).
 """
 
 from __future__ import annotations
@@ -11,27 +17,86 @@ import numpy as np
 
 from . import data
 from .curvature import LocalCurvature
+from .errors import HessmpiError
 from .models import Model
-from .operator import DistributedOperator, hessian_operator
+from .operator import DistributedOperator, ggn_operator, hessian_operator, restrict
+
+OPERATORS = ("hessian", "ggn")
+
+
+def layer_names(model: Model) -> list[str]:
+    """The names `--layer` accepts: each layer (its tensors together, e.g. 'conv1') and
+    each tensor of model.layout ('conv1/kernel', 'conv1/bias'), in θ order."""
+    names = []
+    for t in model.layout:
+        layer = t.name.split("/")[0]
+        if "/" in t.name and layer not in names:
+            names.append(layer)
+        names.append(t.name)
+    return names
+
+
+def layer_block(model: Model, name: str) -> slice:
+    """The slice of θ holding layer or tensor `name` (see layer_names); HessmpiError
+    listing the valid names if there is no such layer."""
+    tensors = [t for t in model.layout if t.name == name or t.name.split("/")[0] == name]
+    if not tensors:
+        raise HessmpiError(f"{model.name} has no layer {name!r}: choose one of "
+                           f"{', '.join(layer_names(model))}")
+    start = min(t.offset for t in tensors)
+    stop = max(t.offset + t.size for t in tensors)
+    return slice(start, stop)
 
 
 class Problem:
-    """Loss, gradient and Hessian operator of the mean loss over the first n_samples
-    training samples, each rank holding its contiguous block."""
+    """Loss, gradient and curvature operators of the mean loss over the first n_samples
+    training samples, each rank holding its contiguous block.
+
+    `operator` ("hessian" or "ggn") and `layer` (a name of layer_names, or None for all
+    of θ) choose `self.operator`; `self.hessian` is always the full Hessian.
+    """
 
     def __init__(self, model: Model, dataset: data.Dataset, n_samples: int | None, comm,
                  dtype: str = "float64", micro_batch: int = 1000,
-                 hvp_mode: str = "reverse-over-reverse"):
+                 hvp_mode: str = "reverse-over-reverse", operator: str = "hessian",
+                 layer: str | None = None):
         self.model = model
         self.dataset = dataset
         self.comm = comm
         self.n_samples = n_samples or dataset.n_train
+        self.shard = data.shard_range(self.n_samples, comm.Get_size(), comm.Get_rank())
         images, labels = data.select(dataset, self.n_samples, comm.Get_size(), comm.Get_rank(),
                                      dtype=np.float64)
         self.curvature = LocalCurvature(model, images, labels, dtype, micro_batch, hvp_mode)
         self.hessian: DistributedOperator = hessian_operator(self.curvature, self.n_samples, comm)
+        self.ggn: DistributedOperator = ggn_operator(self.curvature, self.n_samples, comm)
         self.n_params = model.n_params
         self.theta = None
+        self.operator_kind, self.layer = operator, layer
+        self.operator: DistributedOperator = self.operator_for(operator, layer)
+        self.block = layer_block(model, layer) if layer else slice(0, self.n_params)
+
+    def operator_for(self, kind: str = "hessian", layer: str | None = None) -> DistributedOperator:
+        """The Hessian or GGN operator, over all of θ (the shared `self.hessian` /
+        `self.ggn` objects) or restricted to one layer's block (a new operator)."""
+        if kind not in OPERATORS:
+            raise HessmpiError(f"unknown operator {kind!r}: choose one of {', '.join(OPERATORS)}")
+        full = self.hessian if kind == "hessian" else self.ggn
+        if layer is None:
+            return full
+        block = layer_block(self.model, layer)
+        return restrict(full, block.start, block.stop)
+
+    def shard_product(self, v: np.ndarray, samples: slice | None = None) -> np.ndarray:
+        """Σᵢ Pᵢ·v over this rank's shard rows `samples` (all if None) for the matrix P of
+        `self.operator` (its block if a layer was chosen; v has the operator's size).
+        Not divided by the sample count. Local: no communication."""
+        product = self.curvature.hvp if self.operator_kind == "hessian" else self.curvature.ggn
+        if self.layer is None:
+            return product(v, samples)
+        full = np.zeros(self.n_params)
+        full[self.block] = v
+        return product(full, samples)[self.block]
 
     def set_params(self, theta: np.ndarray) -> None:
         """Move every rank to the point θ (the same θ must be passed on every rank)."""

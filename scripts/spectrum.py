@@ -41,8 +41,9 @@ def main():
         from hessmpi import results
 
         problem, theta = cli.problem_from_args(args, comm)
-        if not 1 <= args.nev < problem.n_params:
-            raise cli.HessmpiError(f"--nev must be between 1 and {problem.n_params - 1}, got {args.nev}")
+        size = problem.operator.n  # the whole θ, or one layer's block with --layer
+        if not 1 <= args.nev < size:
+            raise cli.HessmpiError(f"--nev must be between 1 and {size - 1}, got {args.nev}")
         if args.max_passes < 1:
             raise cli.HessmpiError(f"--max-passes must be at least 1, got {args.max_passes}")
         tol = args.tol or (1e-8 if args.dtype == "float64" else 1e-5)
@@ -60,7 +61,7 @@ def main():
 
     record = cli.RunRecord(args, comm, problem.n_params, problem.n_samples)
     cli.say(cli.describe_run(args, problem, comm))
-    op = problem.hessian
+    op = problem.operator  # the Hessian or the GGN (--operator), all of θ or one block (--layer)
     op.on_matvec = cli.progress_printer()
     mat = shell_matrix(op)
     cli.say(f"solving for the {args.nev} {args.which} eigenpairs (tol {tol:g}, options prefix -hess_)")
@@ -81,7 +82,7 @@ def main():
     if res.converged == 0:
         raise cli.HessmpiError(f"no eigenpair converged in {res.iterations} iterations; try "
                                f"-hess_eps_max_it, -hess_eps_ncv or a looser --tol")
-    vectors = np.array([vec_to_full(v, comm) for v in res.vectors]).reshape(len(res.vectors), problem.n_params)
+    vectors = np.array([vec_to_full(v, comm) for v in res.vectors]).reshape(len(res.vectors), op.n)
     if not (np.all(np.isfinite(res.values)) and np.all(np.isfinite(vectors))):
         raise cli.HessmpiError("the eigen solve produced non-finite values: check --weights (NaN?) "
                                "and try --dtype float64")
@@ -94,7 +95,8 @@ def main():
     attrs = record.finish(n_matvecs=res.n_matvecs, iterations=res.iterations, converged=res.converged,
                           passes=res.passes, eps_type=res.solver, tol=tol, which=args.which,
                           nev=args.nev, compute_seconds=op.compute_seconds, comm_seconds=op.comm_seconds,
-                          resumed_after_pass=resume.passes if resume else 0)
+                          resumed_after_pass=resume.passes if resume else 0,
+                          operator=problem.operator_kind, layer=problem.layer or "all")
     cli.say(f"{res.n_matvecs} Hessian-vector products in {attrs['wall_time']:.1f} s "
             f"({op.comm_seconds / max(op.compute_seconds + op.comm_seconds, 1e-12):.1%} in communication)")
     if comm.Get_rank() == 0:
