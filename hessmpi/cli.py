@@ -155,16 +155,16 @@ def problem_from_args(args, comm):
     from . import data, results, runtime
     from .models import get_model
 
+    if getattr(args, "layer", None):
+        from .operator import layer_block
+
+        layer_block(get_model(args.model), args.layer)  # a bad name fails at once, before TensorFlow starts
     runtime.configure_threads(runtime.default_threads(comm))
     from .problem import Problem
 
     if args.micro_batch < 1:
         raise HessmpiError(f"--micro-batch must be at least 1, got {args.micro_batch}")
     model = get_model(args.model)
-    if getattr(args, "layer", None):
-        from .problem import layer_block
-
-        layer_block(model, args.layer)  # an unknown name fails here, before any data is read
     dataset = data.load(args.dataset, args.data_dir, seed=args.seed)
     if args.n_samples is not None and not 1 <= args.n_samples <= dataset.n_train:
         raise HessmpiError(f"--n-samples {args.n_samples} is out of range: {args.dataset} has "

@@ -4,6 +4,7 @@ Every rank holds the full parameter vector and its own shard of the data. A prod
 y = (1/N) Σ_shards H_shard·x with x and y split over ranks by `ownership` costs one
 Allgatherv of x and one Reduce_scatter of the local products. PETSc is not needed
 here, so the MPI sum can be tested on its own; `petsc.py` wraps it as a shell matrix.
+`restrict` makes the operator of one diagonal block, e.g. one layer's (`layer_block`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 from mpi4py import MPI
+
+from .errors import HessmpiError
 
 
 def ownership(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,3 +126,27 @@ def restrict(op: DistributedOperator, start: int, stop: int) -> DistributedOpera
     block = DistributedOperator(local_product, stop - start, op.scale, op.comm)
     block.block = slice(start, stop)
     return block
+
+
+def layer_names(model) -> list[str]:
+    """The names `--layer` accepts: each layer (its tensors together, e.g. 'conv1') and
+    each tensor of model.layout ('conv1/kernel', 'conv1/bias'), in θ order."""
+    names = []
+    for t in model.layout:
+        layer = t.name.split("/")[0]
+        if "/" in t.name and layer not in names:
+            names.append(layer)
+        names.append(t.name)
+    return names
+
+
+def layer_block(model, name: str) -> slice:
+    """The slice of θ holding layer or tensor `name` (see layer_names); HessmpiError
+    listing the valid names if there is no such layer."""
+    tensors = [t for t in model.layout if t.name == name or t.name.split("/")[0] == name]
+    if not tensors:
+        raise HessmpiError(f"{model.name} has no layer {name!r}: choose one of "
+                           f"{', '.join(layer_names(model))}")
+    start = min(t.offset for t in tensors)
+    stop = max(t.offset + t.size for t in tensors)
+    return slice(start, stop)

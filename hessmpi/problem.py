@@ -19,41 +19,17 @@ from . import data
 from .curvature import LocalCurvature
 from .errors import HessmpiError
 from .models import Model
-from .operator import DistributedOperator, ggn_operator, hessian_operator, restrict
+from .operator import DistributedOperator, ggn_operator, hessian_operator, layer_block, restrict
 
 OPERATORS = ("hessian", "ggn")
-
-
-def layer_names(model: Model) -> list[str]:
-    """The names `--layer` accepts: each layer (its tensors together, e.g. 'conv1') and
-    each tensor of model.layout ('conv1/kernel', 'conv1/bias'), in θ order."""
-    names = []
-    for t in model.layout:
-        layer = t.name.split("/")[0]
-        if "/" in t.name and layer not in names:
-            names.append(layer)
-        names.append(t.name)
-    return names
-
-
-def layer_block(model: Model, name: str) -> slice:
-    """The slice of θ holding layer or tensor `name` (see layer_names); HessmpiError
-    listing the valid names if there is no such layer."""
-    tensors = [t for t in model.layout if t.name == name or t.name.split("/")[0] == name]
-    if not tensors:
-        raise HessmpiError(f"{model.name} has no layer {name!r}: choose one of "
-                           f"{', '.join(layer_names(model))}")
-    start = min(t.offset for t in tensors)
-    stop = max(t.offset + t.size for t in tensors)
-    return slice(start, stop)
 
 
 class Problem:
     """Loss, gradient and curvature operators of the mean loss over the first n_samples
     training samples, each rank holding its contiguous block.
 
-    `operator` ("hessian" or "ggn") and `layer` (a name of layer_names, or None for all
-    of θ) choose `self.operator`; `self.hessian` is always the full Hessian.
+    `operator` ("hessian" or "ggn") and `layer` (one of operator.layer_names, or None for
+    all of θ) choose `self.operator`; `self.hessian` is always the full Hessian.
     """
 
     def __init__(self, model: Model, dataset: data.Dataset, n_samples: int | None, comm,

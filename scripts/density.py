@@ -119,7 +119,7 @@ def resmooth(args, comm):
     if "density/alphas" not in source:
         raise cli.HessmpiError(f"--from {args.source} holds no Lanczos tridiagonals to re-smooth")
     q = density.Quadrature.from_datasets(source, int(source_attrs["operator_size"]), source_attrs["probe_dist"])
-    record = cli.RunRecord(args, comm, 0, 0)
+    command = cli.RunRecord(args, comm, 0, 0).attrs["command"]  # this run's command line
     datasets, attrs, lines = summarize(q, args, source_attrs["dtype"])
     for name in ("trace/hutchpp/estimate", "trace/hutchpp/stderr", "trace/hutchpp/sketch_rank", "model/params"):
         if name in source:
@@ -127,7 +127,7 @@ def resmooth(args, comm):
     for line in lines:
         cli.say(line)
     attrs = {**source_attrs, **attrs, "resmoothed_from": os.path.abspath(args.source),
-             "command": record.attrs["command"]}
+             "command": command}
     results.write(args.out, datasets, attrs)
     written = [args.out]
     if not args.no_plot:

@@ -18,7 +18,7 @@ from hessmpi import runtime  # noqa: E402
 
 runtime.configure_threads(1)
 
-from hessmpi import cli, curvature, data, models, operator, problem  # noqa: E402
+from hessmpi import cli, curvature, data, models, operator  # noqa: E402
 from hessmpi.errors import HessmpiError  # noqa: E402
 
 import cases  # noqa: E402
@@ -137,10 +137,10 @@ def test_layer_blocks_are_the_diagonal_blocks(tiny, kind):
     block of the dense G."""
     make = operator.hessian_operator if kind == "hessian" else operator.ggn_operator
     full = make(tiny.curv, len(tiny.labels), COMM)
-    names = problem.layer_names(tiny.model)
+    names = operator.layer_names(tiny.model)
     report, ok = [], True
     for i, name in enumerate(names):
-        block = problem.layer_block(tiny.model, name)
+        block = operator.layer_block(tiny.model, name)
         op = operator.restrict(full, block.start, block.stop)
         vb = tiny.vectors[i % 5][block]
         embedded = np.zeros(tiny.model.n_params)
@@ -164,7 +164,7 @@ def test_layer_blocks_match_the_dense_hessian(tiny):
         names, blocks = ["W[20:50]"], [slice(20, 50)]
     else:
         names = ["conv1/bias", "dense2/bias"]
-        blocks = [problem.layer_block(tiny.model, name) for name in names]
+        blocks = [operator.layer_block(tiny.model, name) for name in names]
     rows = dense_hessian_rows(tiny.model, tiny.theta, tiny.images, tiny.labels, blocks)
     report, ok = [], True
     for name, block, dense_rows in zip(names, blocks, rows):
@@ -179,12 +179,12 @@ def test_layer_blocks_match_the_dense_hessian(tiny):
 
 def test_layer_names_and_unknown_layer():
     cnn = models.get_model("cnn")
-    names = problem.layer_names(cnn)
-    conv1 = problem.layer_block(cnn, "conv1")
-    kernel = problem.layer_block(cnn, "conv1/kernel")
-    last = problem.layer_block(cnn, "dense2")
+    names = operator.layer_names(cnn)
+    conv1 = operator.layer_block(cnn, "conv1")
+    kernel = operator.layer_block(cnn, "conv1/kernel")
+    last = operator.layer_block(cnn, "dense2")
     with pytest.raises(HessmpiError) as caught:
-        problem.layer_block(cnn, "conv3")
+        operator.layer_block(cnn, "conv3")
     message = str(caught.value)
     collective_assert(names[:3] == ["conv1", "conv1/kernel", "conv1/bias"] and len(names) == 12
                       and conv1 == slice(0, 832) and kernel == slice(0, 800)
