@@ -34,11 +34,27 @@ test: setup
 run: setup
 	mpirun -n $(NP) $(PYTHON) scripts/spectrum.py $(ARGS) </dev/null
 
+# Benchmarks (issue 7): Markdown tables on stdout and in $(BENCH_OUT)/*.md, JSON next to them.
+# About 15 minutes on 2 idle cores. PyHessian's row needs HESSMPI_TORCH_PYTHON (a Python with
+# torch and pyhessian; hessmpi does not depend on them), else it is skipped with a note.
+BENCH_OUT ?= results/bench
+BENCH_MPI = env HESSMPI_TF_THREADS=1 mpirun -n 2 $(PYTHON)
 bench: setup
-	@for f in bench/*.py; do \
-		[[ -e $$f ]] || continue; \
-		echo "== $$f"; $(PYTHON) "$$f" || exit 1; \
-	done
+	@mkdir -p $(BENCH_OUT); set -o pipefail; o=$(BENCH_OUT); \
+	run() { name=$$1; shift; echo "+ $$*"; "$$@" --json $$o/$$name.json </dev/null | tee $$o/$$name.md || exit 1; }; \
+	run hvp_cost $(PYTHON) bench/hvp_cost.py; \
+	run comm_cost $(PYTHON) bench/comm_cost.py --models cnn,softmax; \
+	run eigen_cnn_2x1 $(BENCH_MPI) bench/eigen_cost.py --model cnn --dtype float32 --n-samples 1000 \
+		--solvers default,krylovschur,pyhessian; \
+	run eigen_cnn_1x2 env HESSMPI_TF_THREADS=2 $(PYTHON) bench/eigen_cost.py --model cnn --dtype float32 \
+		--n-samples 1000 --solvers krylovschur; \
+	run eigen_softmax_f64 $(BENCH_MPI) bench/eigen_cost.py --model softmax --dtype float64 --n-samples 4000 \
+		--solvers default,krylovschur,lanczos,power,pyhessian; \
+	run eigen_softmax_f32 $(BENCH_MPI) bench/eigen_cost.py --model softmax --dtype float32 --n-samples 1000 \
+		--solvers default,krylovschur,power; \
+	run memory $(PYTHON) bench/memory.py; \
+	run pyhessian $(PYTHON) bench/pyhessian_ref.py; \
+	echo "make bench: tables in $$o/*.md, JSON in $$o/*.json"
 
 clean:
 	rm -rf results build .pytest_cache *.egg-info

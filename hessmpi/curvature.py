@@ -41,7 +41,9 @@ class LocalCurvature:
         if micro_batch < 1:
             raise HessmpiError(f"micro-batch size must be at least 1, got {micro_batch}")
         s = model.image_size
-        if images.ndim != 4 or images.shape[1:] != (s, s, 1) or len(images) != len(labels):
+        raw = images.dtype == np.uint8
+        if (images.ndim != 4 or images.shape[1:] != (s, s, 1) or len(images) != len(labels)) and not (
+                raw and images.shape[1:] == (s, s) and len(images) == len(labels)):
             raise HessmpiError(f"{model.name}: expected images (n, {s}, {s}, 1) and n labels, "
                                f"got {images.shape} and {labels.shape}")
         self.model = model
@@ -49,62 +51,15 @@ class LocalCurvature:
         self.n_samples = len(labels)
         self.n_params = model.n_params
         self.chunk_starts = list(range(0, self.n_samples, micro_batch))
-        self.chunks = [(tf.constant(images[i:i + micro_batch], self.dtype),
+        # uint8 pixels stay uint8 (a quarter of float32, an eighth of float64) and are scaled
+        # inside the traced functions, so a rank's memory hardly grows with its shard.
+        self.chunks = [(tf.constant(images[i:i + micro_batch].reshape(-1, s, s, 1), tf.uint8) if raw
+                        else tf.constant(images[i:i + micro_batch], self.dtype),
                         tf.constant(labels[i:i + micro_batch], tf.int64))
                        for i in self.chunk_starts]
         self.theta = None
-        n = self.n_params
-        vec = tf.TensorSpec((n,), self.dtype)
-        batch = (tf.TensorSpec((None, s, s, 1), self.dtype), tf.TensorSpec((None,), tf.int64))
-        self._loss_grad = tf.function(self._loss_grad_fn, input_signature=(vec, *batch))
-        hvp_fn = self._hvp_rr if hvp_mode == "reverse-over-reverse" else self._hvp_fr
-        self._hvp = tf.function(hvp_fn, input_signature=(vec, vec, *batch))
-        self._ggn = tf.function(self._ggn_fn, input_signature=(vec, vec, *batch))
-        self._correct = tf.function(self._correct_fn, input_signature=(vec, *batch))
-
-    def _loss_sum(self, theta, x, y):
-        logits = self.model.logits(theta, x)
-        return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
-
-    def _loss_grad_fn(self, theta, x, y):
-        with tf.GradientTape() as tape:
-            tape.watch(theta)
-            loss = self._loss_sum(theta, x, y)
-        return loss, tape.gradient(loss, theta)
-
-    def _hvp_rr(self, theta, v, x, y):
-        with tf.GradientTape() as outer:
-            outer.watch(theta)
-            with tf.GradientTape() as inner:
-                inner.watch(theta)
-                loss = self._loss_sum(theta, x, y)
-            g = inner.gradient(loss, theta)
-            gv = tf.reduce_sum(g * tf.stop_gradient(v))
-        return outer.gradient(gv, theta)
-
-    def _hvp_fr(self, theta, v, x, y):
-        with tf.autodiff.ForwardAccumulator(theta, v) as acc:
-            with tf.GradientTape() as tape:
-                tape.watch(theta)
-                loss = self._loss_sum(theta, x, y)
-            g = tape.gradient(loss, theta)
-        return acc.jvp(g)
-
-    def _ggn_fn(self, theta, v, x, y):
-        # J·v by forward mode, times the softmax cross-entropy Hessian in logit space
-        # (diag(p) − ppᵀ, the same for every label), then Jᵀ(·) by reverse mode.
-        with tf.GradientTape() as tape:
-            tape.watch(theta)
-            with tf.autodiff.ForwardAccumulator(theta, v) as acc:
-                logits = self.model.logits(theta, x)
-            jv = acc.jvp(logits)
-        p = tf.nn.softmax(logits)
-        hjv = p * jv - p * tf.reduce_sum(p * jv, axis=1, keepdims=True)
-        return tape.gradient(logits, theta, output_gradients=tf.stop_gradient(hjv))
-
-    def _correct_fn(self, theta, x, y):
-        pred = tf.argmax(self.model.logits(theta, x), axis=1)
-        return tf.reduce_sum(tf.cast(tf.equal(pred, y), tf.int64))
+        self._kinds = {kind: _functions(model, self.dtype, hvp_mode, kind == tf.uint8)
+                       for kind in (tf.uint8, self.dtype)}
 
     def set_params(self, theta: np.ndarray) -> None:
         """Fix the point θ at which loss, gradient and HVPs are evaluated."""
@@ -113,6 +68,22 @@ class LocalCurvature:
             raise HessmpiError(f"{self.model.name} has {self.n_params:,} parameters; "
                                f"got a vector of shape {theta.shape}")
         self.theta = tf.constant(theta, self.dtype)
+
+    def set_samples(self, images: np.ndarray, labels: np.ndarray, micro_batch: int) -> None:
+        """Replace the shard's samples (e.g. by a mini-batch; possibly none) in micro-batches of
+        at most micro_batch. θ stays; the TensorFlow functions take any batch size, so nothing
+        is retraced."""
+        s = self.model.image_size
+        if images.ndim != 4 or images.shape[1:] != (s, s, 1) or len(images) != len(labels):
+            raise HessmpiError(f"{self.model.name}: expected images (n, {s}, {s}, 1) and n labels, "
+                               f"got {images.shape} and {labels.shape}")
+        if micro_batch < 1:
+            raise HessmpiError(f"micro-batch size must be at least 1, got {micro_batch}")
+        self.n_samples = len(labels)
+        self.chunk_starts = list(range(0, self.n_samples, micro_batch))
+        self.chunks = [(tf.constant(images[i:i + micro_batch], self.dtype),
+                        tf.constant(labels[i:i + micro_batch], tf.int64))
+                       for i in self.chunk_starts]
 
     def _check_point(self):
         if self.theta is None:
@@ -123,7 +94,7 @@ class LocalCurvature:
         self._check_point()
         loss, grad = 0.0, np.zeros(self.n_params)
         for x, y in self.chunks:
-            l, g = self._loss_grad(self.theta, x, y)
+            l, g = self._fn(0, x)(self.theta, x, y)
             loss += float(l)
             grad += g.numpy()
         return loss, grad
@@ -142,7 +113,12 @@ class LocalCurvature:
                 pieces.append((x, y) if (a, b) == (0, len(y)) else (x[a:b], y[a:b]))
         return pieces
 
-    def _product(self, fn, v, samples):
+    def _fn(self, which: int, x):
+        """Function `which` (0 loss_grad, 1 hvp, 2 ggn, 3 correct) for micro-batch x's kind
+        (uint8 pixels or floats in the compute dtype)."""
+        return self._kinds[x.dtype][which]
+
+    def _product(self, which, v, samples):
         self._check_point()
         out = np.zeros(self.n_params)
         pieces = self._pieces(samples)
@@ -150,23 +126,104 @@ class LocalCurvature:
             return out
         tv = tf.constant(v, self.dtype)
         for x, y in pieces:
-            out += fn(self.theta, tv, x, y).numpy()
+            out += self._fn(which, x)(self.theta, tv, x, y).numpy()
         return out
 
     def hvp(self, v: np.ndarray, samples: slice | None = None) -> np.ndarray:
         """Σ ∇²ℓᵢ(θ)·v over the shard (or its rows `samples`) at the current θ, in float64."""
-        return self._product(self._hvp, v, samples)
+        return self._product(1, v, samples)
 
     def ggn(self, v: np.ndarray, samples: slice | None = None) -> np.ndarray:
         """Σ Jᵢᵀ(∇²_z ℓᵢ)Jᵢ·v over the shard (or its rows `samples`) at the current θ, in
         float64: the generalized Gauss-Newton product, positive semi-definite."""
-        return self._product(self._ggn, v, samples)
+        return self._product(2, v, samples)
 
     def n_correct(self) -> int:
         """How many shard samples the model at θ classifies correctly."""
         self._check_point()
-        return sum(int(self._correct(self.theta, x, y)) for x, y in self.chunks)
+        return sum(int(self._fn(3, x)(self.theta, x, y)) for x, y in self.chunks)
 
     def tracing_count(self, kind: str = "hessian") -> int:
-        """How many times the HVP (or, kind="ggn", the GGN) function has been traced (1 after first use)."""
-        return (self._ggn if kind == "ggn" else self._hvp).experimental_get_tracing_count()
+        """How many times the HVP (or, kind="ggn", the GGN) function has been traced: 1 after first
+        use, and still 1 after any number of LocalCurvatures of the same model, dtype and mode."""
+        which = 2 if kind == "ggn" else 1
+        return sum(fns[which].experimental_get_tracing_count() for fns in self._kinds.values())
+
+
+def _functions(model: Model, dtype, hvp_mode: str, raw: bool = False) -> tuple:
+    """(loss_grad, hvp, ggn, correct): the TensorFlow functions of `model` in `dtype`.
+
+    Built once per model object, dtype and HVP mode and kept on the model, so every
+    LocalCurvature of that model (one per shard, batch size or mini-batch) shares them:
+    each is traced once per process, whatever the number of instances, shard sizes or
+    micro-batch sizes (the batch dimension is unknown in the signatures). Tracing a
+    fresh function per instance cost ~1 s for the CNN each time and made TensorFlow warn
+    about frequent retracing in rank curves.
+    """
+    cache = model.__dict__.setdefault("_tf_functions", {})
+    key = (dtype.name, hvp_mode, raw)
+    if key in cache:
+        return cache[key]
+    s = model.image_size
+    vec = tf.TensorSpec((model.n_params,), dtype)
+    batch = (tf.TensorSpec((None, s, s, 1), tf.uint8 if raw else dtype), tf.TensorSpec((None,), tf.int64))
+
+    # raw: uint8 pixels → [0, 1] by a table of data.to_float's values (float64 k/255 rounded
+    # to dtype): bit-identical to float input, which an in-graph division is not (TensorFlow
+    # may rewrite x/255 as x·(1/255)).
+    pixel_values = tf.constant((np.arange(256) / 255).astype(dtype.as_numpy_dtype))
+
+    def images(x):
+        return tf.gather(pixel_values, tf.cast(x, tf.int32)) if raw else x
+
+    def loss_sum(theta, x, y):
+        logits = model.logits(theta, images(x))
+        return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+
+    def loss_grad(theta, x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(theta)
+            loss = loss_sum(theta, x, y)
+        return loss, tape.gradient(loss, theta)
+
+    def hvp_rr(theta, v, x, y):
+        # Reverse over reverse: measured fastest here for both models and dtypes (bench/hvp_cost.py).
+        with tf.GradientTape() as outer:
+            outer.watch(theta)
+            with tf.GradientTape() as inner:
+                inner.watch(theta)
+                loss = loss_sum(theta, x, y)
+            g = inner.gradient(loss, theta)
+            gv = tf.reduce_sum(g * tf.stop_gradient(v))
+        return outer.gradient(gv, theta)
+
+    def hvp_fr(theta, v, x, y):
+        with tf.autodiff.ForwardAccumulator(theta, v) as acc:
+            with tf.GradientTape() as tape:
+                tape.watch(theta)
+                loss = loss_sum(theta, x, y)
+            g = tape.gradient(loss, theta)
+        return acc.jvp(g)
+
+    def ggn(theta, v, x, y):
+        # J·v by forward mode, times the softmax cross-entropy Hessian in logit space
+        # (diag(p) − ppᵀ, the same for every label), then Jᵀ(·) by reverse mode.
+        with tf.GradientTape() as tape:
+            tape.watch(theta)
+            with tf.autodiff.ForwardAccumulator(theta, v) as acc:
+                logits = model.logits(theta, images(x))
+            jv = acc.jvp(logits)
+        p = tf.nn.softmax(logits)
+        hjv = p * jv - p * tf.reduce_sum(p * jv, axis=1, keepdims=True)
+        return tape.gradient(logits, theta, output_gradients=tf.stop_gradient(hjv))
+
+    def correct(theta, x, y):
+        pred = tf.argmax(model.logits(theta, images(x)), axis=1)
+        return tf.reduce_sum(tf.cast(tf.equal(pred, y), tf.int64))
+
+    hvp = hvp_rr if hvp_mode == "reverse-over-reverse" else hvp_fr
+    cache[key] = (tf.function(loss_grad, input_signature=(vec, *batch)),
+                  tf.function(hvp, input_signature=(vec, vec, *batch)),
+                  tf.function(ggn, input_signature=(vec, vec, *batch)),
+                  tf.function(correct, input_signature=(vec, *batch)))
+    return cache[key]

@@ -29,8 +29,8 @@ def density(datasets: dict, attrs: dict, path: str, reference=None) -> None:
     ax1.set_xlabel("eigenvalue λ")
     ax1.set_ylabel("density (integrates to 1)")
     matrix = "GGN" if attrs.get("operator") == "ggn" else "Hessian"
-    layer = attrs.get("layer", "all")
-    where = "" if layer in ("all", None) else f", layer {layer}"
+    layer = attrs.get("layer") or "all"  # "" (files since RunRecord records it) or "all": all of θ
+    where = "" if layer == "all" else f", layer {layer}"
     ax1.set_title(f"{attrs.get('model')} {matrix}{where}, {attrs.get('dataset')}, N = {attrs.get('n_samples')}; "
                   f"σ = {width:.3g}", fontsize=9)
     tr, se = float(datasets["trace/estimate"]), float(datasets["trace/stderr"])

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import runtime
 from .errors import HessmpiError
-from .training import LocalBatches, Objective, batch_indices
+from .training import LocalBatches, Objective, batch_indices, check_finite, divergence_hint
 
 OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "rmsprop": "RMSprop"}
 DEFAULT_LEARNING_RATES = {"sgd": 0.5, "adam": 1e-3, "rmsprop": 1e-3}
@@ -35,6 +35,7 @@ class KerasOptimizer:
             raise HessmpiError(f"--lr must be positive, got {lr}")
         self.objective, self.batches, self.seed, self.batch_size = objective, batches, seed, batch_size
         self.learning_rate = lr
+        self.hint = divergence_hint(objective, f"a smaller --lr (this run: {lr:g})", "a larger --gamma")
         self.variable = tf.Variable(np.zeros(objective.problem.n_params), dtype=tf.float64, name="theta")
         self.optimizer = getattr(tf.keras.optimizers, OPTIMIZERS[name])(learning_rate=lr)
         self.optimizer.build([self.variable])
@@ -56,6 +57,7 @@ class KerasOptimizer:
         batches = self.batches
         g = batches.gradient(self.objective, theta,
                              batch_indices(self.seed, batches.n, self.batch_size, iteration))
+        check_finite(iteration + 1, "mini-batch gradient", g, hint=self.hint)
         self.variable.assign(theta)
         self.optimizer.apply_gradients([(self._tf.constant(g), self.variable)])
         new = self.variable.numpy()

@@ -21,7 +21,8 @@ from mpi4py import MPI
 from . import eigen
 from .errors import HessmpiError
 from .petsc import shell_matrix
-from .training import LocalBatches, Objective, RegularizedOperator, batch_indices
+from .training import (LocalBatches, Objective, RegularizedOperator, batch_indices, check_finite,
+                       divergence_hint)
 
 
 class LowRankSaddleFreeNewton:
@@ -44,6 +45,8 @@ class LowRankSaddleFreeNewton:
         self.objective, self.batches, self.seed = objective, batches, seed
         self.rank, self.batch_size, self.hessian_batch = rank, batch_size, hessian_batch
         self.damping, self.learning_rate, self.tol, self.prefix = damping, learning_rate, tol, prefix
+        self.hint = divergence_hint(objective, f"a smaller --lr (this run: {learning_rate:g})",
+                                    "a larger --damping or --gamma")
 
     def state(self) -> dict:
         return {}
@@ -83,7 +86,9 @@ class LowRankSaddleFreeNewton:
         batches = self.batches
         g = batches.gradient(self.objective, theta,
                              batch_indices(self.seed, batches.n, self.batch_size, iteration, stream=0))
+        check_finite(iteration + 1, "mini-batch gradient", g, hint=self.hint)
         values, vectors, hvps = self.eigenpairs(theta, iteration)
+        check_finite(iteration + 1, "mini-batch Hessian's eigenvalues", values, hint=self.hint)
         d = self.direction(g, values, vectors)
         info = {"step_size": self.learning_rate, "eigen_hvps": hvps, "eigenvalues": values,
                 "step_length": self.learning_rate * float(np.linalg.norm(d))}

@@ -18,6 +18,17 @@ Hessian H (or the Gauss-Newton matrix, or either over a seeded mini-batch) plus 
   γ_ew = 0.9. Early Newton steps cost few Hessian-vector products; α = 2 gives
   quadratic local convergence. The state (‖g_{k−1}‖, η_{k−1}) is checkpointed, so a
   resumed run makes exactly the steps of an uninterrupted one.
+- Sub-sampled Newton (`hessian_batch` M): the curvature of iteration k is that of the
+  k-th seeded subsample of M samples (each rank its share), a product costing 2M/N
+  sweeps; `damping` σ adds σI to the step's matrix; `preconditioner="kronecker"`
+  (softmax) preconditions the KSP with a Kronecker-factored approximation of H + γR + σI.
+- Dynamic sample size Newton (`grow_from` n₀, `grow_factor` c; Byrd, Chin, Nocedal & Wu 2012):
+  iteration k works on F_{n_k}, the objective over the first n_k = min(N, round(n₀·c^k))
+  training samples only (F, ∇F, the line search, the curvature and its subsample), warm
+  started from the previous θ; each rank uses its share of them. Data sums are kept per
+  block of the schedule, so growing from n_{k−1} to n_k costs (n_k − n_{k−1})/N sweeps.
+- Divergence (a non-finite F, ∇F or direction, a line search that finds only non-finite
+  values) raises NumericalError on every rank, naming the iteration and what to try.
 
 Why not TAO: PETSc TAO's `nls`/`ntr` drive this loop well, but they keep state that
 petsc4py 3.18 can neither read nor set (NLS's Hessian perturbation, NTR's trust
@@ -34,8 +45,10 @@ from petsc4py import PETSc
 from .errors import HessmpiError
 from .operator import ggn_operator
 from .petsc import shell_matrix
-from .training import CURVATURES, Objective, RegularizedOperator, batch_indices
+from .training import (CURVATURES, Objective, PrefixObjective, RegularizedOperator, batch_indices,
+                       check_finite, diverged, divergence_hint)
 
+PRECONDITIONERS = ("none", "kronecker")
 KSP_REASONS = {int(getattr(PETSc.KSP.ConvergedReason, name)): name
                for name in dir(PETSc.KSP.ConvergedReason) if name.isupper()}
 
@@ -54,37 +67,77 @@ class NewtonCG:
     semi-definite, so CG never meets negative curvature). With `batches` and
     hessian_batch, the curvature of each iteration is that of a seeded mini-batch
     (sub-sampled Newton: products cost hessian_batch/N of a full one; the gradient and
-    the line search stay exact, so the limit is still the optimum of F).
+    the line search stay exact, so the limit is still the optimum of F). damping σ ≥ 0
+    solves (C + γR + σI)p = −∇F instead (Levenberg–Marquardt; it shortens the step in the
+    directions a small curvature batch does not see; the objective stays F). grow_from n₀ and
+    grow_factor c make it a dynamic sample size method: iteration k minimizes the objective
+    over the first n_k = min(N, round(n₀·c^k)) samples (`sample_size(k)`), the limit once
+    n_k = N being again the optimum of F.
     """
 
     def __init__(self, objective: Objective, eta_max: float = 0.5, ew_alpha: float = 2.0,
                  armijo: float = 1e-4, max_backtracks: int = 20, ksp_max_it: int = 1000,
                  prefix: str = "newton_", curvature: str = "hessian", batches=None,
-                 hessian_batch: int | None = None, seed: int = 0):
+                 hessian_batch: int | None = None, seed: int = 0, damping: float = 0.0,
+                 preconditioner: str = "none", grow_from: int | None = None, grow_factor: float = 4.0):
         if curvature not in CURVATURES:
             raise HessmpiError(f"unknown curvature {curvature!r}: choose one of {', '.join(CURVATURES)}")
-        if batches is not None and not 1 <= (hessian_batch or 0) <= batches.n:
+        if preconditioner not in PRECONDITIONERS:
+            raise HessmpiError(f"unknown preconditioner {preconditioner!r}: choose one of "
+                               f"{', '.join(PRECONDITIONERS)}")
+        if (hessian_batch is not None or preconditioner != "none" or grow_from is not None) and batches is None:
+            raise ValueError("a Hessian subsample, a growing sample and the Kronecker preconditioner need `batches`")
+        if hessian_batch is not None and not 1 <= hessian_batch <= batches.n:
             raise HessmpiError(f"--hessian-batch must be between 1 and the {batches.n:,} training samples, "
                                f"got {hessian_batch}")
+        if not (np.isfinite(damping) and damping >= 0):
+            raise HessmpiError(f"--damping must be a finite number >= 0 for --method newton, got {damping}")
+        if grow_from is not None and not 1 <= grow_from <= batches.n:
+            raise HessmpiError(f"--grow-from must be between 1 and the {batches.n:,} training samples, "
+                               f"got {grow_from}")
+        if not (np.isfinite(grow_factor) and grow_factor > 1):
+            raise HessmpiError(f"--grow-factor must be a finite number > 1, got {grow_factor}")
         self.objective = objective
+        self.hint = divergence_hint(objective, "a larger --gamma or --damping", "other --weights")
         self.eta_max, self.ew_alpha, self.ew_gamma = eta_max, ew_alpha, 0.9
         self.armijo, self.max_backtracks = armijo, max_backtracks
         self.curvature, self.batches, self.hessian_batch, self.seed = curvature, batches, hessian_batch, seed
         problem = objective.problem
         self.full = (problem.hessian if curvature == "hessian"
                      else ggn_operator(problem.curvature, problem.n_samples, problem.comm))
-        self.op = RegularizedOperator(self.full, objective.R, objective.gamma)
+        self.op = RegularizedOperator(self.full, objective.R, objective.gamma, damping)
+        self.kronecker = KroneckerPreconditioner(objective, damping) if preconditioner == "kronecker" else None
         self.mat = shell_matrix(self.op)
         ksp = PETSc.KSP().create(comm=self.mat.getComm())
         ksp.setOptionsPrefix(prefix)
         ksp.setOperators(self.mat)
         ksp.setType(PETSc.KSP.Type.STCG)
-        ksp.getPC().setType(PETSc.PC.Type.NONE)
+        if self.kronecker is not None:
+            ksp.getPC().setType(PETSc.PC.Type.PYTHON)
+            ksp.getPC().setPythonContext(self.kronecker)
+        else:
+            ksp.getPC().setType(PETSc.PC.Type.NONE)
         ksp.setTolerances(max_it=ksp_max_it)
         ksp.setFromOptions()
         self.ksp = ksp
         self._x, self._b = self.mat.createVecs()
         self.previous = None  # (‖g‖, η) of the last solve
+        self.grow_from, self.grow_factor = grow_from, grow_factor
+        self.sampled = None
+        if grow_from is not None:
+            sizes, k = [], 0
+            while not sizes or sizes[-1] < batches.n:
+                sizes.append(self.sample_size(k))
+                k += 1
+            self.sampled = PrefixObjective(objective, batches, sizes)
+
+    def sample_size(self, iteration: int) -> int:
+        """n_k, the number of leading training samples iteration k uses: min(N, round(n₀·c^k))
+        with a growing sample (--grow-from n₀, --grow-factor c), else N."""
+        n = self.objective.problem.n_samples
+        if self.grow_from is None or iteration * np.log(self.grow_factor) >= np.log(n / self.grow_from):
+            return n
+        return min(n, int(round(self.grow_from * self.grow_factor ** iteration)))
 
     def state(self) -> dict:
         return {"forcing": np.array(self.previous if self.previous else (np.nan, np.nan))}
@@ -105,13 +158,25 @@ class NewtonCG:
         return min(self.eta_max, eta)
 
     def data_curvature(self, theta: np.ndarray, iteration: int):
-        """(the data-curvature operator at θ for this iteration, sweeps per product)."""
-        if self.batches is None:
+        """(the data-curvature operator at θ for this iteration, sweeps per product); sets up
+        the preconditioner on the same samples (a forward pass over them, charged)."""
+        n, n_k = self.objective.problem.n_samples, self.sample_size(iteration)
+        if self.hessian_batch is None and n_k == n:
+            indices = None
             self.objective.problem.set_params(theta)
-            return self.full, 2.0
-        indices = batch_indices(self.seed, self.batches.n, self.hessian_batch, iteration, stream=2)
-        return (self.batches.hessian(theta, indices, self.curvature),
-                2.0 * self.hessian_batch / self.batches.n)
+            op, m = self.full, n
+        else:
+            if self.hessian_batch is None:  # all n_k samples of a growing sample
+                indices = np.arange(n_k)
+            else:  # a subsample of the first n_k
+                indices = batch_indices(self.seed, n_k, min(self.hessian_batch, n_k), iteration, stream=2)
+            m = len(indices)
+            op = self.batches.hessian(theta, indices, self.curvature)
+        if self.kronecker is not None:
+            self.kronecker.update(theta, self.batches, indices, m, iteration,
+                                  (n_k, self.sample_size(iteration - 1) if iteration else 0,
+                                   self.sampled.boundaries if self.sampled else [n]))
+        return op, 2.0 * m / n
 
     def direction(self, theta: np.ndarray, g: np.ndarray, iteration: int = 0) -> tuple[np.ndarray, dict]:
         """The inexact Newton direction at θ for gradient g (collective), and KSP statistics."""
@@ -130,7 +195,10 @@ class NewtonCG:
         d = op.hessian.gather(self._x.getArray(readonly=True)).copy()
         info = {"ksp_iterations": self.ksp.getIterationNumber(), "ksp_reason": int(self.ksp.getConvergedReason()),
                 "rtol": eta, "hvps": hvps, "fallback": False}
-        if not float(g @ d) < 0.0:  # no descent direction (or NaN): steepest descent
+        overflow = info["ksp_reason"] == PETSc.KSP.ConvergedReason.DIVERGED_NANORINF  # in the products
+        check_finite(iteration + 1, f"Newton direction (KSP {reason_name(info['ksp_reason'])})",
+                     np.nan if overflow else d, hint=self.hint)
+        if not float(g @ d) < 0.0:  # no descent direction: steepest descent
             d = -g
             info["fallback"] = True
         return d, info
@@ -139,18 +207,29 @@ class NewtonCG:
         """θ_{k+1} = θ_k + α·p with α the first of 1, ½, ¼, … meeting the Armijo condition."""
         # For k > 0, F and ∇F at θ_k were paid for by the line search that accepted θ_k
         # (also when a resumed run recomputes them after a checkpoint).
-        value, g, _ = self.objective.value_grad(theta, count=iteration == 0)
+        if self.sampled is None:
+            value, g, _ = self.objective.value_grad(theta, count=iteration == 0)
+        else:  # F and ∇F over the first n_k samples; those of n_{k−1} were paid by the line search
+            n_k = self.sample_size(iteration)
+            paid = self.sample_size(iteration - 1) if iteration else 0
+            value, g, _ = self.sampled.value_grad(theta, n_k, paid)
+        check_finite(iteration + 1, f"objective or its gradient at iterate {iteration}", value, g,
+                     hint=self.hint)
         d, info = self.direction(theta, g, iteration)
         slope = float(g @ d)
         slack = 10 * np.finfo(float).eps * abs(value)  # rounding of F near the optimum
         alpha = 1.0
         for _ in range(self.max_backtracks + 1):
             trial = theta + alpha * d
-            f_trial = self.objective.value_grad(trial)[0]
+            f_trial = (self.objective.value_grad(trial) if self.sampled is None
+                       else self.sampled.value_grad(trial, n_k))[0]
             if np.isfinite(f_trial) and f_trial <= value + self.armijo * alpha * slope + slack:
                 info.update(step_size=alpha, step_length=alpha * float(np.linalg.norm(d)))
                 return trial, info
             alpha *= 0.5
+        if not np.isfinite(f_trial):  # every trial, down to α = 2^−max_backtracks, overflowed
+            raise diverged(iteration + 1, f"the objective is not finite along the Newton step even at "
+                                          f"α = {2 * alpha:g}", self.hint)
         info.update(step_size=0.0, step_length=0.0,
                     failed=f"line search failed: no decrease after {self.max_backtracks} halvings")
         return theta, info
@@ -158,3 +237,95 @@ class NewtonCG:
     def destroy(self) -> None:
         self.ksp.destroy()
         self.mat.destroy()
+
+
+class KroneckerPreconditioner:
+    """PETSc PC (type python) for the softmax model: applies P⁻¹ with
+
+        P = S ⊗ Ā + γ·R_pix ⊗ I₁₀ + σI
+        S = (1/N) Σᵢ xᵢxᵢᵀ,   Ā = (1/m) Σ_{i∈B} (diag(pᵢ) − pᵢpᵢᵀ)
+
+    with S the pixel second moments of all N training images (independent of θ: computed
+    once, charged one sweep), Ā over the m samples B of the iteration's curvature (pᵢ the
+    softmax probabilities at θ; charged m/N sweeps), R = R_pix ⊗ I₁₀ the regularizer
+    (R_pix = I or LᵀL). The data Hessian is (1/N) Σᵢ xᵢxᵢᵀ ⊗ (diag(pᵢ) − pᵢpᵢᵀ); P replaces
+    the mean of the products by the product of the means (K-FAC's approximation, exact
+    where all pᵢ are equal, as at θ = 0). With Ā = QΛQᵀ, P⁻¹ acts on W (pixels × 10) as
+    W ↦ [(λ_c·S + γR_pix + σI)⁻¹ (WQ)_c]_c Qᵀ: ten Cholesky factorizations of 784 × 784
+    per Newton iteration, replicated on every rank.
+    """
+
+    def __init__(self, objective: Objective, shift: float = 0.0):
+        from . import regularize
+
+        model = objective.problem.model
+        if model.name != "softmax":
+            raise HessmpiError("--preconditioner kronecker is built for the softmax model; use "
+                               "--preconditioner none for the cnn")
+        side = model.image_size
+        if objective.regularization == "l2":
+            self.r_pix = np.eye(side * side)
+        else:
+            lap = regularize.laplacian_matrix(side)
+            self.r_pix = lap.T @ lap
+        self.objective, self.shift = objective, shift
+        self.gather = objective.problem.hessian.gather
+        self.lo, self.hi = objective.problem.hessian.lo, objective.problem.hessian.hi
+        self.factors, self.Q, self.S = None, None, None
+        self.blocks = []  # Σxxᵀ over the blocks of a growing sample, summed over ranks
+
+    def _sum(self, local: np.ndarray) -> np.ndarray:
+        from mpi4py import MPI
+
+        total = np.empty_like(local)
+        self.objective.comm.Allreduce(np.ascontiguousarray(local), total, op=MPI.SUM)
+        return total
+
+    def update(self, theta: np.ndarray, batches, indices: np.ndarray | None, m: int, iteration: int,
+               prefix: tuple | None = None) -> None:
+        """Factor P at θ with Ā over the samples `indices` (None: all), m of them (collective).
+        S is computed by the first call of this process and charged in iteration 0 (a resumed
+        run paid for it then); with a growing sample, prefix = (n_k, n_{k−1}, the schedule's
+        block ends) and S is over the first n_k samples, summed block by block (so a resumed
+        run gets the same S bit for bit), the new samples charged in the iteration they join."""
+        import scipy.linalg
+
+        cost = self.objective.cost
+        d = self.r_pix.shape[0]
+        n_k, paid, boundaries = prefix or (batches.n, 0, [batches.n])
+        if n_k == batches.n and len(boundaries) == 1:  # all N from the start
+            if self.S is None:  # once per process: a resumed run has paid for it already
+                X = np.asarray(batches.images, dtype=np.float64).reshape(-1, d)
+                self.S = self._sum(X.T @ X) / batches.n
+                cost.sweeps += 1.0 if iteration == 0 else 0.0
+        else:  # a growing sample: S over the first n_k samples, summed block by block
+            blocks = boundaries.index(n_k) + 1
+            if len(self.blocks) < blocks:
+                for j in range(len(self.blocks), blocks):
+                    lo = boundaries[j - 1] if j else 0
+                    X = np.asarray(batches.samples(np.arange(lo, boundaries[j]))[0], dtype=np.float64)
+                    X = X.reshape(-1, d)
+                    self.blocks.append(self._sum(X.T @ X))
+                self.S = sum(self.blocks[1:blocks], self.blocks[0].copy()) / n_k
+            cost.sweeps += (n_k - paid) / batches.n  # the samples new in this iteration
+        images = batches.samples(indices)[0]
+        X = np.asarray(images, dtype=np.float64).reshape(len(images), self.r_pix.shape[0])
+        Z = X @ theta.reshape(X.shape[1], -1)
+        P = np.exp(Z - Z.max(axis=1, keepdims=True))
+        P /= P.sum(axis=1, keepdims=True)
+        A = self._sum(np.diag(P.sum(axis=0)) - P.T @ P) / m
+        cost.sweeps += m / batches.n
+        S = self.S
+        lam, self.Q = np.linalg.eigh(A)
+        gamma = self.objective.gamma
+        base = gamma * self.r_pix + self.shift * np.eye(d)
+        jitter = 1e-12 * max(np.trace(S), 1.0)
+        self.factors = [scipy.linalg.cho_factor(max(l, 0.0) * S + base + jitter * np.eye(d)) for l in lam]
+
+    def apply(self, pc, x, y) -> None:
+        import scipy.linalg
+
+        W = self.gather(x.getArray(readonly=True)).reshape(-1, len(self.factors)) @ self.Q
+        for c, factor in enumerate(self.factors):
+            W[:, c] = scipy.linalg.cho_solve(factor, W[:, c])
+        y.getArray()[:] = (W @ self.Q.T).ravel()[self.lo:self.hi]

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 from mpi4py import MPI
 
-from .errors import HessmpiError
+from .errors import HessmpiError, NumericalError
 
 
 def ownership(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,6 +73,7 @@ class DistributedOperator:
             y_local = np.empty(self.n_local)
         self.comm.Reduce_scatter(prod, y_local, recvcounts=self.counts, op=MPI.SUM)
         y_local *= self.scale
+        self._check_finite(y_local)
         t3 = time.perf_counter()
         self.compute_seconds += t2 - t1
         self.comm_seconds += (t1 - t0) + (t3 - t2)
@@ -80,6 +81,17 @@ class DistributedOperator:
         if self.on_matvec is not None:
             self.on_matvec(self)
         return y_local
+
+    def _check_finite(self, y_local: np.ndarray) -> None:
+        """Raise NumericalError on every rank (one flag allreduced) if any rank's block of
+        the product holds a NaN or Inf, so that no rank goes on with the bad vector."""
+        bad = np.array([0 if np.isfinite(y_local).all() else 1], dtype=np.int32)
+        self.comm.Allreduce(MPI.IN_PLACE, bad, op=MPI.MAX)
+        if bad[0]:
+            raise NumericalError(
+                f"product {self.n_matvecs + 1} of the curvature operator is not finite (NaN or Inf): "
+                f"check the weights (--weights: finite and of a sensible size?) "
+                f"and try --dtype float64", collective=True)
 
     def apply_full(self, v: np.ndarray) -> np.ndarray:
         """The full product (replicated on every rank) for a full vector v given on every rank."""

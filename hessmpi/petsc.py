@@ -39,7 +39,23 @@ class ShellContext:
 
 
 def shell_matrix(op) -> PETSc.Mat:
-    """A symmetric PETSc shell matrix, distributed like op.ownership, applying op."""
+    """A symmetric PETSc shell matrix (type python) whose products are op.apply.
+
+    op is duck-typed (a DistributedOperator, training.RegularizedOperator, …); it must provide:
+
+    - `n` (int): the global size; the matrix is n × n.
+    - `n_local` (int) and `comm` (an mpi4py communicator): this rank's number of rows and
+      the communicator of the matrix. The row blocks must be PETSc's default layout for n
+      on comm (contiguous, the first n mod size ranks one longer: `operator.ownership`),
+      since vectors from `mat.createVecs()` get that layout.
+    - `apply(x_local, y_local)`: write into y_local (a float64 array of n_local entries,
+      PETSc's own memory, to be filled in place) this rank's block of A·x, where x_local
+      is this rank's block of x (read-only). Collective: every rank of comm calls it for
+      the same product, so it may communicate.
+
+    A must be symmetric (the matrix is flagged SYMMETRIC and multTranspose is mult).
+    Products are not counted here; op counts its own (e.g. `n_matvecs`).
+    """
     sizes = ((op.n_local, op.n), (op.n_local, op.n))
     mat = PETSc.Mat().createPython(sizes, ShellContext(op), comm=op.comm)
     mat.setOption(PETSc.Mat.Option.SYMMETRIC, True)

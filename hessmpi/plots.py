@@ -32,18 +32,33 @@ def save(fig, path: str) -> None:
         _pyplot().close(fig)
 
 
+OPERATOR_NAMES = {"hessian": "Hessian", "ggn": "Gauss-Newton"}
+
+
 def spectrum(datasets: dict, attrs: dict, path: str) -> None:
-    """Eigenvalues against their index, and their relative residuals, as a PNG."""
+    """Eigenvalues against their index (with their confidence intervals if the datasets hold
+    them), and their relative residuals, as a PNG; the title names the matrix (attrs
+    "operator", "layer")."""
     plt = _pyplot()
     values = np.asarray(datasets["spectrum/eigenvalues"])
     residuals = np.asarray(datasets["spectrum/residuals"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     idx = np.arange(1, len(values) + 1)
     ax1.plot(idx, values, "o-", ms=4)
+    if "spectrum/ci_low" in datasets:
+        low, high = np.asarray(datasets["spectrum/ci_low"]), np.asarray(datasets["spectrum/ci_high"])
+        ax1.errorbar(idx, values, yerr=np.maximum([values - low, high - values], 0), fmt="none", capsize=3, lw=1,
+                     label=f"{float(attrs.get('confidence', 0.95)):.0%} interval, "
+                           f"{attrs.get('error_groups')} groups")
+        ax1.legend(fontsize=8)
     ax1.set_xlabel("index")
     ax1.set_ylabel("eigenvalue")
     ax1.axhline(0, color="gray", lw=0.5)
-    ax1.set_title(f"{attrs.get('model')} Hessian, {attrs.get('dataset')}, N = {attrs.get('n_samples')}")
+    matrix = OPERATOR_NAMES.get(attrs.get("operator", "hessian"), attrs.get("operator"))
+    layer = attrs.get("layer") or "all"  # "all" in files written before RunRecord recorded ""
+    where = "" if layer == "all" else f", layer {layer}"
+    ax1.set_title(f"{attrs.get('model')} {matrix}{where}, {attrs.get('dataset')}, N = {attrs.get('n_samples')}",
+                  fontsize=9)
     rel = residuals / np.maximum(np.abs(values), np.finfo(float).tiny)
     ax2.semilogy(idx, np.maximum(rel, 1e-18), "s", ms=4)
     ax2.set_xlabel("index")

@@ -41,8 +41,12 @@ class Problem:
         self.comm = comm
         self.n_samples = n_samples or dataset.n_train
         self.shard = data.shard_range(self.n_samples, comm.Get_size(), comm.Get_rank())
-        images, labels = data.select(dataset, self.n_samples, comm.Get_size(), comm.Get_rank(),
-                                     dtype=np.float64)
+        data.select(dataset, self.n_samples, max(self.n_samples, 1), 0)  # checks n_samples; converts 1 row
+        # The shard's uint8 pixels: LocalCurvature scales them inside its TensorFlow functions,
+        # so no float copy of the shard exists and memory per rank stays flat (bench/memory.py).
+        start, stop = self.shard
+        images = dataset.train_images[start:stop]
+        labels = np.array(dataset.train_labels[start:stop], dtype=np.int64)
         self.curvature = LocalCurvature(model, images, labels, dtype, micro_batch, hvp_mode)
         self.hessian: DistributedOperator = hessian_operator(self.curvature, self.n_samples, comm)
         self.ggn: DistributedOperator = ggn_operator(self.curvature, self.n_samples, comm)

@@ -27,8 +27,12 @@ def _pyplot():
 
 def _title(attrs) -> str:
     reg = attrs.get("regularization", "none")
-    what = "H" if reg in ("none", None) else f"H + {attrs.get('gamma'):g}·R ({reg})"
-    return f"{attrs.get('model')} {what}, {attrs.get('dataset')}, {attrs.get('dtype')}, weights: {attrs.get('weights')}"
+    matrix = "G (Gauss-Newton)" if attrs.get("operator") == "ggn" else "H"
+    what = matrix if reg in ("none", None) else f"{matrix} + {attrs.get('gamma'):g}·R ({reg})"
+    layer = attrs.get("layer") or "all"
+    where = "" if layer == "all" else f", block of {layer}"
+    return (f"{attrs.get('model')} {what}{where}, {attrs.get('dataset')}, {attrs.get('dtype')}, "
+            f"weights: {attrs.get('weights')}")
 
 
 def curve(datasets: dict, attrs: dict, path: str) -> None:
@@ -49,9 +53,10 @@ def curve(datasets: dict, attrs: dict, path: str) -> None:
             r = np.asarray(datasets[RC + key])
             ok = r >= 0
             ax1.loglog(n[ok], r[ok], marker, ms=8, mfc="none", label=f"{label} route")
-    if RC + "cap_9_rank_x" in datasets:
+    if RC + "cap_9_rank_x" in datasets or attrs.get("operator") == "ggn":  # rank ≤ 9·n: Gauss-Newton structure
         grid = np.unique(np.geomspace(n.min(), n.max(), 50).round())
         ax1.loglog(grid, 9 * grid, "--", color="gray", label="9·n")
+    if RC + "cap_9_rank_x" in datasets:
         ax1.loglog(n, np.asarray(datasets[RC + "cap_9_rank_x"]), ":", color="C3", lw=2, label="9·rank(Xₙ)")
         ax1.loglog(n, np.asarray(datasets[RC + "cap_live_pixels"]), "-.", color="C2",
                    label="9·(live pixels)")

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import data, regularize
 from .curvature import LocalCurvature
-from .errors import HessmpiError
+from .errors import HessmpiError, NumericalError
 from .operator import DistributedOperator
 
 HISTORY_FIELDS = ("iteration", "loss", "data_loss", "grad_norm", "train_accuracy", "test_accuracy",
@@ -79,7 +79,8 @@ class Objective:
         self._x.getArray()[:] = theta[op.lo:op.hi]
         self.R.mult(self._x, self._y)
         r_theta = op.gather(self._y.getArray(readonly=True)).copy()
-        return 0.5 * float(theta @ r_theta), r_theta
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported by the caller
+            return 0.5 * float(theta @ r_theta), r_theta
 
     def value_grad(self, theta: np.ndarray, count: bool = True) -> tuple[float, np.ndarray, float]:
         """(F(θ), ∇F(θ), mean data loss at θ); one sweep when count and not cached.
@@ -166,20 +167,17 @@ class LocalBatches:
                                      dtype=dtype)
         return cls(problem.model, images, labels, problem.n_samples, comm, dtype, micro_batch)
 
+    def samples(self, indices: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of the samples of global `indices` (None: all n) that this rank owns."""
+        if indices is None:
+            return self.images, self.labels
+        mine = np.sort(indices[(indices >= self.lo) & (indices < self.hi)]) - self.lo
+        return self.images[mine], self.labels[mine]
+
     def use(self, indices: np.ndarray) -> LocalCurvature:
         """The curvature over the samples of `indices` owned by this rank (set θ on it after)."""
-        import tensorflow as tf
-
-        mine = np.sort(indices[(indices >= self.lo) & (indices < self.hi)]) - self.lo
-        images, labels = self.images[mine], self.labels[mine]
-        curv, mb = self.curvature, self.micro_batch
-        # LocalCurvature has no public way to swap its samples (see docs/newton.md); its
-        # TensorFlow functions take any batch size, so replacing the chunks retraces nothing.
-        curv.chunk_starts = list(range(0, len(mine), mb))
-        curv.chunks = [(tf.constant(images[i:i + mb], curv.dtype), tf.constant(labels[i:i + mb], tf.int64))
-                       for i in curv.chunk_starts]
-        curv.n_samples = len(mine)
-        return curv
+        self.curvature.set_samples(*self.samples(indices), self.micro_batch)
+        return self.curvature
 
     def gradient(self, objective: Objective, theta: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """∇ of (mean loss over the mini-batch + γ/2·θᵀRθ) at θ, on every rank; charges B/N sweeps."""
@@ -206,15 +204,78 @@ class LocalBatches:
         return (hessian_operator if kind == "hessian" else ggn_operator)(curv, len(indices), self.comm)
 
 
+class PrefixObjective:
+    """F_n(θ) = (1/n) Σ_{i<n} ℓᵢ(θ) + γ/2·θᵀRθ over the first n training samples (dynamic
+    sample size methods): each rank computes the terms of the samples of 0..n−1 it owns.
+
+    The data sums are kept per block [b_{j−1}, b_j) of `boundaries` (the sample sizes a run
+    visits, ending at N) and added in block order, so F_n at a point whose smaller-sample
+    sums are known costs only the new blocks, and a value computed afresh (a resumed run)
+    is bit for bit the one computed by increments. `value_grad(θ, n, paid)` charges
+    (samples computed)/N sweeps, or (n − paid)/N when the caller says that the first `paid`
+    samples at θ were paid for before (the next iteration reuses the accepted trial's sums).
+    """
+
+    def __init__(self, objective: Objective, batches: "LocalBatches", boundaries):
+        self.objective, self.batches = objective, batches
+        self.boundaries = sorted(set(int(b) for b in boundaries))
+        if self.boundaries[0] < 1 or self.boundaries[-1] != batches.n:
+            raise ValueError(f"block boundaries must lie in 1..{batches.n} and end at it, got {boundaries}")
+        self._curvatures = {}
+        self._cache = None  # (θ, [(loss sum, gradient sum) per block])
+
+    def _block(self, j: int, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        """(Σ loss, Σ gradient) over block j at θ, summed over ranks (collective)."""
+        from mpi4py import MPI
+
+        if j not in self._curvatures:
+            lo = self.boundaries[j - 1] if j else 0
+            b = self.batches
+            images, labels = b.samples(np.arange(lo, self.boundaries[j]))
+            c = b.curvature
+            self._curvatures[j] = LocalCurvature(c.model, images, labels, c.dtype.name, b.micro_batch)
+        curv = self._curvatures[j]
+        curv.set_params(theta)
+        loss, grad = curv.loss_grad()
+        local = np.concatenate([[loss], grad])
+        total = np.empty_like(local)
+        self.batches.comm.Allreduce(local, total, op=MPI.SUM)
+        return float(total[0]), total[1:]
+
+    def value_grad(self, theta: np.ndarray, n: int, paid: int = 0) -> tuple[float, np.ndarray, float]:
+        """(F_n(θ), ∇F_n(θ), mean loss of the first n samples at θ) on every rank (collective)."""
+        if n not in self.boundaries:
+            raise ValueError(f"{n} is not one of the sample sizes {self.boundaries}")
+        blocks = self.boundaries.index(n) + 1
+        theta = np.array(theta, dtype=np.float64)
+        c = self._cache
+        sums = list(c[1]) if c is not None and np.array_equal(c[0], theta) else []
+        known = self.boundaries[len(sums) - 1] if sums else 0
+        for j in range(len(sums), blocks):
+            sums.append(self._block(j, theta))
+        self.objective.cost.sweeps += max(0, n - max(known, paid)) / self.batches.n
+        self._cache = (theta, sums)
+        loss, grad = 0.0, np.zeros_like(theta)
+        for block_loss, block_grad in sums[:blocks]:
+            loss += block_loss
+            grad += block_grad
+        loss, grad = loss / n, grad / n
+        gamma = self.objective.gamma
+        pen, r_theta = self.objective.penalty(theta)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return loss + gamma * pen, grad + gamma * r_theta, loss
+
+
 class RegularizedOperator:
-    """x ↦ (H + γR)x on the owned block: the objective's Hessian from the data Hessian H.
+    """x ↦ (H + γR + σI)x on the owned block: the objective's Hessian from the data Hessian H
+    (σ = shift, 0 by default, is a Levenberg–Marquardt damping of Newton's step only).
 
     Duck-types DistributedOperator (n, n_local, lo, hi, comm, apply, n_matvecs) so that
     `petsc.shell_matrix` and `eigen.solve` take it as they take H.
     """
 
-    def __init__(self, hessian: DistributedOperator, R, gamma: float):
-        self.hessian, self.R, self.gamma = hessian, R, gamma
+    def __init__(self, hessian: DistributedOperator, R, gamma: float, shift: float = 0.0):
+        self.hessian, self.R, self.gamma, self.shift = hessian, R, gamma, shift
         self.n, self.comm, self.lo, self.hi = hessian.n, hessian.comm, hessian.lo, hessian.hi
         self._x, self._y = R.createVecs()
 
@@ -232,6 +293,8 @@ class RegularizedOperator:
             self._x.getArray()[:] = x_local
             self.R.mult(self._x, self._y)
             y_local += self.gamma * self._y.getArray(readonly=True)
+        if self.shift:
+            y_local += self.shift * np.asarray(x_local)
         return y_local
 
     def apply_full(self, v: np.ndarray) -> np.ndarray:
@@ -313,11 +376,35 @@ def load_checkpoint(path: str, config: dict, comm):
 
 # ---------------------------------------------------------------- the loop
 
+DIVERGENCE_HINT = "try a larger --gamma, or --dtype float64 if you run in float32"
+
+
+def divergence_hint(objective: Objective, *remedies: str) -> str:
+    """'try A, B or C': the remedies, and --dtype float64 if the objective is computed in float32."""
+    curvature = getattr(objective.problem, "curvature", None)
+    if getattr(getattr(curvature, "dtype", None), "name", "") == "float32":
+        remedies += ("--dtype float64",)
+    return "try " + (", ".join(remedies[:-1]) + " or " if len(remedies) > 1 else "") + remedies[-1]
+
+
+def check_finite(iteration: int, what: str, *values, hint: str = DIVERGENCE_HINT) -> None:
+    """Raise NumericalError naming the iteration if any of `values` (scalars or arrays) is
+    not finite. Callers pass all-reduced or replicated values, so every rank raises together."""
+    if not all(np.all(np.isfinite(v)) for v in values):
+        raise diverged(iteration, f"the {what} is not finite", hint)
+
+
+def diverged(iteration: int, what: str, hint: str = DIVERGENCE_HINT) -> NumericalError:
+    """The NumericalError of a run that diverged in `iteration` because of `what`."""
+    return NumericalError(f"the run diverged in iteration {iteration}: {what}; {hint} (no results were "
+                          "written; an earlier checkpoint is left as it was)")
+
 
 def record(history: History, objective: Objective, theta: np.ndarray, iteration: int,
-           step: dict | None = None) -> None:
-    """Append the row of iterate θ (collective)."""
+           step: dict | None = None, hint: str = DIVERGENCE_HINT) -> None:
+    """Append the row of iterate θ (collective); NumericalError if F or ∇F at θ is not finite."""
     value, g, loss = objective.value_grad(theta, count=False)
+    check_finite(iteration, "objective or its gradient over all training samples", value, g, hint=hint)
     train, test = objective.accuracies(theta)
     step = step or {}
     c = objective.cost
@@ -334,20 +421,27 @@ def run(method, objective: Objective, theta: np.ndarray, history: History, itera
     """Iterate `method.step(θ, k) -> (θ, step info)` from the last recorded iteration to `iterations`.
 
     A row is recorded, then passed to `checkpoint(θ, history)` and `log(history)`, for
-    θ₀ (if the history is empty), every `record_every` iterations and at the last. The
-    loop ends early when a recorded gradient norm is at most gtol, when a step fails or
-    the objective stops being finite, or after `stop_after` iterations of this process
-    (as if killed). Returns (θ, why it stopped: 'iterations', 'gtol', 'stopped' or the failure).
+    θ₀ (if the history is empty; not checkpointed: resuming from θ₀ is starting afresh),
+    every `record_every` iterations and at the last. The loop ends early when a recorded
+    gradient norm is at most gtol, when a step fails, or after `stop_after` iterations of
+    this process (as if killed). Returns (θ, why it stopped: 'iterations', 'gtol',
+    'stopped' or the failure).
+
+    Divergence raises NumericalError on every rank, before anything is checkpointed: a
+    non-finite θ after a step, a non-finite F or ∇F at a recorded iterate, or whatever the
+    method's own checks find (its `hint` attribute says what to try).
     """
-    def row(k, info=None):
-        record(history, objective, theta, k, info)
-        if checkpoint:
+    hint = getattr(method, "hint", DIVERGENCE_HINT)
+
+    def row(k, info=None, save=True):
+        record(history, objective, theta, k, info, hint)
+        if checkpoint and save:
             checkpoint(theta, history)
         if log:
             log(history)
 
     if not len(history):
-        row(0)
+        row(0, save=False)
     k = int(history.last("iteration"))
     for done_here in range(iterations - k):
         if history.last("grad_norm") <= gtol:
@@ -358,10 +452,9 @@ def run(method, objective: Objective, theta: np.ndarray, history: History, itera
         theta, info = method.step(theta, k)
         objective.cost.seconds += time.perf_counter() - t0
         k += 1
+        check_finite(k, "parameter vector", theta, hint=hint)
         if k % record_every == 0 or k == iterations or "failed" in info:
             row(k, info)
             if "failed" in info:
                 return theta, info["failed"]
-            if not np.isfinite(history.last("loss")):
-                return theta, "diverged: the objective is not finite (lower the learning rate)"
     return theta, "gtol" if history.last("grad_norm") <= gtol else "iterations"

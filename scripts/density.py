@@ -128,13 +128,7 @@ def resmooth(args, comm):
         cli.say(line)
     attrs = {**source_attrs, **attrs, "resmoothed_from": os.path.abspath(args.source),
              "command": command}
-    results.write(args.out, datasets, attrs)
-    written = [args.out]
-    if not args.no_plot:
-        png = os.path.splitext(args.out)[0] + ".png"
-        density_plots.density(datasets, attrs, png)
-        written.append(png)
-    cli.say("wrote " + ", ".join(written))
+    cli.write_results(args, datasets, attrs, density_plots.density)
 
 
 def main():
@@ -143,6 +137,7 @@ def main():
     with cli.all_ranks(comm):
         args = parse(ours)
         cli.init_petsc(petsc_args)
+        cli.check_petsc_options(bv=("density_", "trace_"))  # a misspelt option fails now, not after the solve
         from hessmpi import results
 
         if comm.Get_rank() == 0:
@@ -184,20 +179,13 @@ def main():
     datasets["model/params"] = theta
     attrs = record.finish(**attrs, n_matvecs=op.n_matvecs, slq_matvecs=q.n_matvecs,
                           hutchpp_matvecs=pp.n_matvecs if pp else 0, iterations=int(q.steps.sum()),
-                          converged=q.n_probes, operator=problem.operator_kind, layer=problem.layer or "all",
-                          operator_size=op.n, compute_seconds=op.compute_seconds,
+                          converged=q.n_probes, operator_size=op.n, compute_seconds=op.compute_seconds,
                           comm_seconds=op.comm_seconds)
     cli.say(f"{op.n_matvecs} {problem.operator_kind} products in {attrs['wall_time']:.1f} s "
             f"({op.comm_seconds / max(op.compute_seconds + op.comm_seconds, 1e-12):.1%} in communication)")
     mat.destroy()  # here, on every rank: left to garbage collection, PETSc's exit could hang
     if comm.Get_rank() == 0:
-        results.write(args.out, datasets, attrs)
-        written = [args.out]
-        if not args.no_plot:
-            png = os.path.splitext(args.out)[0] + ".png"
-            density_plots.density(datasets, attrs, png)
-            written.append(png)
-        cli.say("wrote " + ", ".join(written))
+        cli.write_results(args, datasets, attrs, density_plots.density)
 
 
 if __name__ == "__main__":

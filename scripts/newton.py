@@ -13,10 +13,12 @@ killed run from its last row and ends where an uninterrupted run would.
 """
 
 import json
+import math
 import os
 import sys
 
 from hessmpi import cli
+from hessmpi.errors import NumericalError
 
 METHODS = ("newton", "lrsfn", "sgd", "adam", "rmsprop")
 DEFAULT_ITERATIONS = {"newton": 20, "lrsfn": 100, "sgd": 1000, "adam": 1000, "rmsprop": 1000}
@@ -54,14 +56,50 @@ def parse(argv):
     parser.add_argument("--hessian-batch", type=int, default=None,
                         help="curvature of a seeded mini-batch of this size per iteration (lrsfn: default "
                              "100; newton: sub-sampled Newton, default all samples, i.e. exact Newton)")
+    parser.add_argument("--preconditioner", default="none", choices=("none", "kronecker"),
+                        help="newton, softmax: precondition the KSP with (S⊗Ā + γR + σI)⁻¹, S the pixel "
+                             "second moments of all images, Ā the mean softmax Hessian of the curvature "
+                             "samples (default none)")
+    parser.add_argument("--grow-from", type=int, default=None,
+                        help="newton: dynamic sample size: iteration k uses only the first "
+                             "n_k = min(N, n₀·c^k) training samples (F, ∇F, line search, curvature), "
+                             "n₀ this (default all N from the start)")
+    parser.add_argument("--grow-factor", type=float, default=None,
+                        help="newton, with --grow-from: the growth factor c of the sample size (default 4)")
     parser.add_argument("--rank", type=int, default=40, help="lrsfn: eigenpairs kept")
-    parser.add_argument("--damping", type=float, default=1.0, help="lrsfn: δ in (|Λ|+δ)⁻¹ and δ⁻¹(I−VVᵀ)")
+    parser.add_argument("--damping", type=float, default=None,
+                        help="lrsfn: δ in (|Λ|+δ)⁻¹ and δ⁻¹(I−VVᵀ) (default 1); newton: σ in the step "
+                             "(H + γR + σI)p = −∇F (Levenberg–Marquardt, default 0)")
     parser.add_argument("--eig-tol", type=float, default=1e-2, help="lrsfn: SLEPc relative tolerance")
     args = parser.parse_args(argv)
     if args.iterations is None:
         args.iterations = DEFAULT_ITERATIONS[args.method]
     if args.method == "lrsfn" and args.hessian_batch is None:
         args.hessian_batch = 100
+    if args.preconditioner != "none" and args.method != "newton":
+        raise cli.HessmpiError(f"--preconditioner applies to --method newton, not {args.method}")
+    if args.hessian_batch is not None and args.method not in ("newton", "lrsfn"):
+        raise cli.HessmpiError(f"--hessian-batch applies to --method newton and lrsfn, not {args.method}")
+    if args.hessian_batch is not None and args.hessian_batch < 1:
+        raise cli.HessmpiError(f"--hessian-batch must be at least 1 (omit it for exact Newton), "
+                               f"got {args.hessian_batch}")
+    if (args.grow_from is not None or args.grow_factor is not None) and args.method != "newton":
+        raise cli.HessmpiError(f"--grow-from and --grow-factor apply to --method newton, not {args.method}")
+    if args.grow_factor is not None and args.grow_from is None:
+        raise cli.HessmpiError("--grow-factor needs --grow-from (the first sample size)")
+    if args.grow_from is not None:
+        n = args.n_samples
+        if args.grow_from < 1 or (n is not None and args.grow_from > n):
+            raise cli.HessmpiError(f"--grow-from must be between 1 and the number of training samples"
+                                   f"{f' ({n:,})' if n is not None else ''}, got {args.grow_from}")
+        if args.grow_factor is None:
+            args.grow_factor = 4.0
+        elif not (math.isfinite(args.grow_factor) and args.grow_factor > 1):
+            raise cli.HessmpiError(f"--grow-factor must be a finite number > 1, got {args.grow_factor}")
+    if args.damping is None:
+        args.damping = 1.0 if args.method == "lrsfn" else 0.0
+    elif args.method not in ("newton", "lrsfn"):
+        raise cli.HessmpiError(f"--damping applies to --method newton and lrsfn, not {args.method}")
     # --operator (common flag) picks Newton's curvature matrix; training needs all of θ.
     args.operator = getattr(args, "operator", "hessian")
     if getattr(args, "layer", None):
@@ -88,7 +126,8 @@ def run_config(args) -> dict:
     """The settings a resumed run must share with the run that wrote the checkpoint."""
     keys = ["method", "model", "dataset", "n_samples", "weights", "dtype", "seed", "micro_batch", "hvp_mode",
             "regularization", "gamma", "record_every", "n_test"]
-    keys += {"newton": ["eta_max", "ew_alpha", "operator", "hessian_batch"],
+    keys += {"newton": ["eta_max", "ew_alpha", "operator", "hessian_batch", "damping", "preconditioner",
+                        "grow_from", "grow_factor"],
              "lrsfn": ["lr", "batch_size", "hessian_batch", "rank", "damping", "eig_tol"]}.get(
         args.method, ["lr", "batch_size"])
     return {k: getattr(args, k) for k in keys}
@@ -100,9 +139,12 @@ def make_method(args, objective, problem):
     if args.method == "newton":
         from hessmpi.newton import NewtonCG
 
-        batches = training.LocalBatches.of(problem, args.micro_batch) if args.hessian_batch else None
+        batches = (training.LocalBatches.of(problem, args.micro_batch)
+                   if args.hessian_batch or args.preconditioner != "none" or args.grow_from else None)
         return NewtonCG(objective, eta_max=args.eta_max, ew_alpha=args.ew_alpha, curvature=args.operator,
-                        batches=batches, hessian_batch=args.hessian_batch, seed=args.seed)
+                        batches=batches, hessian_batch=args.hessian_batch, seed=args.seed,
+                        damping=args.damping, preconditioner=args.preconditioner,
+                        grow_from=args.grow_from, grow_factor=args.grow_factor or 4.0)
     batches = training.LocalBatches.of(problem, args.micro_batch)
     if args.method == "lrsfn":
         from hessmpi.lrsfn import LowRankSaddleFreeNewton
@@ -133,6 +175,7 @@ def main():
     with cli.all_ranks(comm):
         args = parse(ours)
         cli.init_petsc(petsc_args)
+        cli.check_petsc_options(ksp="newton_", eps=("lrsfn_", "hess_norm_"))  # a misspelt option fails now
         from hessmpi import results, training
 
         problem, theta = cli.problem_from_args(args, comm)
@@ -176,11 +219,20 @@ def main():
         if comm.Get_rank() == 0:
             training.save(args.out, theta, history, method.state(), a)
 
-    theta, reason = training.run(method, objective, theta, history, args.iterations, args.record_every,
-                                 args.stop_after, args.gtol if args.method == "newton" else 0.0,
-                                 checkpoint, lambda h: progress(h, args.method))
+    try:
+        theta, reason = training.run(method, objective, theta, history, args.iterations, args.record_every,
+                                     args.stop_after, args.gtol if args.method == "newton" else 0.0,
+                                     checkpoint, lambda h: progress(h, args.method))
+    except NumericalError as error:
+        # Divergence is found on all-reduced or replicated values, so every rank is here:
+        # one message, status 2 everywhere, and nothing written after the last checkpoint.
+        with cli.all_ranks(comm):
+            raise error
     finished = reason != "stopped"
     final = attrs(finished, reason)
+    # PETSc objects are destroyed collectively, before rank 0 alone writes and plots.
+    if hasattr(method, "destroy"):
+        method.destroy()
     if comm.Get_rank() == 0:
         training.save(args.out, theta, history, method.state(), final)
         written = [args.out]
@@ -192,8 +244,6 @@ def main():
         cli.say(f"{reason}: F {history.last('loss'):.12e}, |g| {history.last('grad_norm'):.3e}, "
                 f"test accuracy {history.last('test_accuracy'):.4f} after {cost.sweeps:.1f} sweeps; "
                 f"wrote {', '.join(written)}")
-    if hasattr(method, "destroy"):
-        method.destroy()
     if not finished:
         cli.say(f"stopped after {args.stop_after} iterations (--stop-after); continue with --resume")
 

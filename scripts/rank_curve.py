@@ -138,6 +138,7 @@ def main():
 
         rank.parse_batch_sizes(args.batch_sizes, None)  # a malformed list fails before the slow set-up
         cli.init_petsc(petsc_args)
+        cli.check_petsc_options(bv="rank_", eps="hess_norm_")  # a misspelt option fails now, not after the solve
         from hessmpi import results
 
         problem, theta = cli.problem_from_args(args, comm)
@@ -238,7 +239,6 @@ def main():
                           tol_rule="given by --tol" if args.tol else
                           "matrix size * machine epsilon (float64 for the dense route, --dtype for matrix-free)",
                           method=",".join(methods), regularization=args.regularization,
-                          operator=getattr(args, "operator", "hessian"), layer=getattr(args, "layer", None) or "all",
                           matrix_size=size,
                           gamma=args.gamma if args.regularization != "none" else 0.0, max_rank=max_rank,
                           ranks_agree=-1 if ranks_agree is None else int(ranks_agree),

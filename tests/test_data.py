@@ -134,17 +134,25 @@ def test_read_idx_huge_header_does_not_allocate(tmp_path):
 
 
 def test_read_idx_fuzz(tmp_path):
-    """Random truncations and byte flips: either a correctly shaped array or DataError."""
+    """Random truncations, cut slices, inserted bytes and byte flips, raw and gzipped:
+    either a correctly shaped array or DataError, never another exception."""
     rng = np.random.default_rng(12345)
     array = rng.integers(0, 256, (4, 5, 6), dtype=np.uint8)
     sources = {False: idx_bytes(array), True: gzip.compress(idx_bytes(array))}
     outcomes = {"ok": 0, "error": 0}
-    for trial in range(300):
+    for trial in range(400):
         gz = bool(trial % 2)
         payload = bytearray(sources[gz])
-        if rng.random() < 0.4:
+        kind = rng.random()
+        if kind < 0.3:  # truncated
             payload = payload[: rng.integers(0, len(payload) + 1)]
-        else:
+        elif kind < 0.45:  # a slice cut out
+            start = int(rng.integers(0, len(payload)))
+            del payload[start:start + int(rng.integers(1, 40))]
+        elif kind < 0.6:  # random bytes inserted (or appended: trailing data)
+            pos = int(rng.integers(0, len(payload) + 1))
+            payload[pos:pos] = rng.integers(0, 256, int(rng.integers(1, 40)), dtype=np.uint8).tobytes()
+        else:  # bytes flipped
             for _ in range(rng.integers(1, 4)):
                 if payload:
                     pos = rng.integers(0, len(payload))

@@ -1,7 +1,10 @@
 """What happens when things go wrong: the real scripts, given bad input or a failing rank.
 
 Every case asserts the exit status, the one message, the time to exit and the state
-of the output file (not created, or the previous one intact).
+of the output file (not created, or the previous one intact). Bad inputs must be
+rejected before TensorFlow starts: the scripts run through WATCH, which only records
+an import of tensorflow in a file before running the script as `python script.py`
+would, and the test fails if one was recorded.
 """
 
 import gzip
@@ -12,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import h5py
 import numpy as np
 import pytest
 
@@ -20,8 +24,29 @@ from mpi_util import MPI_ENV, run_mpi
 
 pytestmark = pytest.mark.serial
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPECTRUM = os.path.join(ROOT, "scripts", "spectrum.py")
-EXIT_BOUND = 90.0  # seconds; generous for a loaded 2-core CI machine
+SCRIPTS = os.path.join(ROOT, "scripts")
+SPECTRUM = os.path.join(SCRIPTS, "spectrum.py")
+# Seconds; generous for a loaded 2-core CI machine. A bad input takes about 2 s here
+# (Python, MPI and PETSc start-up), a job ended by an error or a signal a few seconds.
+EXIT_BOUND = 30.0
+UNUSED_WARNING = "WARNING! There are options you set that were not used!"
+WATCH = """\
+import importlib.abc, os, runpy, sys
+
+
+class RecordTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow":
+            with open(os.environ["HESSMPI_TEST_TF_LOG"], "a") as f:
+                f.write(f"{os.getpid()}\\n")
+        return None  # the import itself goes on as usual
+
+
+sys.meta_path.insert(0, RecordTensorFlow())
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def idx_bytes(array, magic_type=0x08):
@@ -47,74 +72,177 @@ def write_mnist_dir(folder, n_train=20, n_test=10, train_images=None, train_labe
     return folder
 
 
-def run(nprocs, args, timeout=EXIT_BOUND * 2):
+def run(nprocs, args, tmp, timeout=EXIT_BOUND * 4):
+    """(CompletedProcess, seconds, whether TensorFlow was imported) of
+    `[mpirun -n nprocs] python WATCH *args`; tmp is a folder for WATCH and its record."""
+    watch, log = os.path.join(tmp, "watch.py"), os.path.join(tmp, "tensorflow-imports")
+    with open(watch, "w") as f:
+        f.write(WATCH)
+    if os.path.exists(log):
+        os.unlink(log)
+    env = {"HESSMPI_TEST_TF_LOG": log}
     t0 = time.perf_counter()
     if nprocs == 1:
-        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, env={**os.environ, **MPI_ENV})
+        proc = subprocess.run([sys.executable, watch, *map(str, args)], capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL, env={**os.environ, **MPI_ENV, **env})
     else:
-        proc = run_mpi(nprocs, args, timeout=timeout)
-    return proc, time.perf_counter() - t0
+        proc = run_mpi(nprocs, [watch, *args], timeout=timeout, env=env)
+    return proc, time.perf_counter() - t0, os.path.exists(log)
 
 
-def bad_inputs(tmp):
-    """(name, extra flags, message) for every bad input the spectrum script must reject."""
-    good = write_mnist_dir(os.path.join(tmp, "good"))
-    truncated = write_mnist_dir(os.path.join(tmp, "trunc"), train_images=idx_bytes(np.zeros((20, 28, 28)))[:-100])
-    magic = write_mnist_dir(os.path.join(tmp, "magic"), train_images=b"\x00\x01\x08\x03" + b"\x00" * 500)
-    counts = write_mnist_dir(os.path.join(tmp, "counts"), train_labels=idx_bytes(np.arange(19) % 10))
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The bad (and one good) data folders and weights files of the cases."""
+    tmp = str(tmp_path_factory.mktemp("bad-inputs"))
     np.savez(os.path.join(tmp, "short.npz"), params=np.zeros(100))
     np.savez(os.path.join(tmp, "nokey.npz"), theta=np.zeros(7840))
-    return [
-        ("unknown model", ["--model", "mlp"], "invalid choice: 'mlp'"),
-        ("unknown dataset", ["--dataset", "cifar"], "invalid choice: 'cifar'"),
-        ("missing data dir", ["--dataset", "mnist", "--data-dir", os.path.join(tmp, "nope")], "does not exist"),
-        ("truncated IDX", ["--dataset", "mnist", "--data-dir", truncated], "needs 15680 data bytes"),
-        ("wrong magic", ["--dataset", "mnist", "--data-dir", magic], "not an IDX file"),
-        ("count mismatch", ["--dataset", "mnist", "--data-dir", counts], "20 images but 19 labels"),
-        ("n-samples too large", ["--dataset", "mnist", "--data-dir", good, "--n-samples", "21"],
-         "--n-samples 21 is out of range"),
-        ("n-samples below 1", ["--n-samples", "0"], "--n-samples 0 is out of range"),
-        ("nev below 1", ["--nev", "0"], "--nev must be between 1 and 7839"),
-        ("nev too large", ["--nev", "7840"], "--nev must be between 1 and 7839"),
-        ("weights of the wrong length", ["--weights", os.path.join(tmp, "short.npz")],
-         "holds 100 values but the model has 7,840"),
-        ("weights without params", ["--weights", os.path.join(tmp, "nokey.npz")], "no key 'params'"),
-        ("unwritable output", ["--out", "/proc/hessmpi/s.h5"], "cannot"),
-        ("dtype the model cannot use", ["--dtype", "float16"], "invalid choice: 'float16'"),
-    ]
+    np.savez(os.path.join(tmp, "nan.npz"), params=np.where(np.arange(7840) == 17, np.nan, 0.0))
+    with open(os.path.join(tmp, "existing.h5"), "wb") as f:
+        f.write(b"previous results")
+    os.makedirs(os.path.join(tmp, "folder.h5"))
+    return {
+        "tmp": tmp,
+        "good": write_mnist_dir(os.path.join(tmp, "good")),
+        "trunc": write_mnist_dir(os.path.join(tmp, "trunc"), train_images=idx_bytes(np.zeros((20, 28, 28)))[:-100]),
+        "magic": write_mnist_dir(os.path.join(tmp, "magic"), train_images=b"\x00\x01\x08\x03" + b"\x00" * 500),
+        "counts": write_mnist_dir(os.path.join(tmp, "counts"), train_labels=idx_bytes(np.arange(19) % 10)),
+    }
 
 
-def test_every_bad_input_gives_one_message_and_no_file(tmp_path):
-    failures = []
-    for name, flags, message in bad_inputs(str(tmp_path)):
-        out = tmp_path / "out" / f"{name.replace(' ', '_')}.h5"
-        # later flags win in argparse, so the case's own flags override these defaults
-        proc, seconds = run(1, [SPECTRUM, "--n-samples", "20", "--nev", "2", "--out", str(out), *flags])
-        problems = []
-        if proc.returncode != 2:
-            problems.append(f"exit {proc.returncode}")
-        if proc.stderr.count(message) != 1 or "error:" not in proc.stderr:
-            problems.append(f"message {message!r} not printed once: {proc.stderr[-600:]!r}")
-        if "Traceback" in proc.stderr:
-            problems.append("traceback printed")
-        if out.exists():
-            problems.append("output file created")
-        if seconds > EXIT_BOUND:
-            problems.append(f"took {seconds:.0f} s")
-        print(f"{name}: exit {proc.returncode} in {seconds:.1f} s")
-        if problems:
-            failures.append(f"{name}: " + "; ".join(problems))
-    assert not failures, "\n".join(failures)
+# (name, script, flags, message): {name} in flags is a file of the `files` fixture. Later
+# flags win in argparse, so a case's own flags override the defaults run_case puts first.
+BAD_INPUTS = [
+    ("unknown model", "spectrum", ["--model", "mlp"], "invalid choice: 'mlp'"),
+    ("unknown dataset", "spectrum", ["--dataset", "cifar"], "invalid choice: 'cifar'"),
+    ("missing data dir", "spectrum", ["--dataset", "mnist", "--data-dir", "{tmp}/nope"], "does not exist"),
+    ("truncated IDX", "spectrum", ["--dataset", "mnist", "--data-dir", "{trunc}"], "needs 15680 data bytes"),
+    ("wrong IDX magic", "spectrum", ["--dataset", "mnist", "--data-dir", "{magic}"], "not an IDX file"),
+    ("image and label counts differ", "spectrum", ["--dataset", "mnist", "--data-dir", "{counts}"],
+     "20 images but 19 labels"),
+    ("n-samples above the data", "spectrum", ["--dataset", "mnist", "--data-dir", "{good}", "--n-samples", "21"],
+     "--n-samples 21 is out of range"),
+    ("n-samples below 1", "spectrum", ["--n-samples", "0"], "--n-samples 0 is out of range"),
+    ("nev below 1", "spectrum", ["--nev", "0"], "--nev must be between 1 and 7839"),
+    ("nev not below the parameter count", "spectrum", ["--nev", "7840"], "--nev must be between 1 and 7839"),
+    ("nev of a layer block", "spectrum", ["--model", "cnn", "--layer", "conv1/bias", "--nev", "32"],
+     "--nev must be between 1 and 31"),
+    ("unknown layer", "spectrum", ["--layer", "conv9"], "has no layer 'conv9'"),
+    ("weights of the wrong length", "spectrum", ["--weights", "{tmp}/short.npz"],
+     "holds 100 values but the model has 7,840"),
+    ("weights without params", "spectrum", ["--weights", "{tmp}/nokey.npz"], "no key 'params'"),
+    ("weights with a NaN", "spectrum", ["--weights", "{tmp}/nan.npz"], "contains NaN or infinite values"),
+    ("missing weights file", "spectrum", ["--weights", "{tmp}/none.npz"], "no such file"),
+    ("unwritable output", "spectrum", ["--out", "/proc/hessmpi/s.h5"], "cannot"),
+    ("output is a folder", "spectrum", ["--out", "{tmp}/folder.h5", "--overwrite"], "is a directory"),
+    ("existing output without --overwrite", "spectrum", ["--out", "{tmp}/existing.h5"],
+     "exists; pass --overwrite"),
+    ("dtype the model cannot use", "spectrum", ["--dtype", "float16"], "invalid choice: 'float16'"),
+    ("micro-batch below 1", "spectrum", ["--micro-batch", "0"], "--micro-batch must be at least 1"),
+    ("malformed batch sizes", "rank_curve", ["--batch-sizes", "1,five,10"], "'five' is not an integer"),
+    ("batch size below 1", "rank_curve", ["--batch-sizes", "1,0"], "batch sizes must be at least 1"),
+    ("batch size above the samples", "rank_curve", ["--batch-sizes", "1,50"], "50 exceed the 20 available"),
+    ("density: n-samples below 1", "density", ["--n-samples", "0"], "--n-samples 0 is out of range"),
+    ("density: probes below 1", "density", ["--probes", "0"], "--probes must be at least 1"),
+]
 
 
-def test_bad_input_under_mpirun_prints_once_and_every_rank_exits(tmp_path):
+def run_case(nprocs, script, flags, out, tmp):
+    return run(nprocs, [os.path.join(SCRIPTS, f"{script}.py"), "--n-samples", "20", "--out", out, *flags], tmp)
+
+
+def check_rejected(run_result, message, out, before=None):
+    """The problems of a run that should have rejected its input (empty if none)."""
+    proc, seconds, tensorflow = run_result
+    text = proc.stderr
+    problems = []
+    if proc.returncode != 2:
+        problems.append(f"exit {proc.returncode}")
+    if text.count(message) != 1 or text.count("error:") != 1:
+        problems.append(f"message {message!r} not printed once: {text[-1500:]!r}")
+    if "Traceback" in text:
+        problems.append("traceback printed")
+    if tensorflow:
+        problems.append("TensorFlow was started before the input was checked")
+    if before is None and os.path.exists(out):
+        problems.append("output file created")
+    if before is not None and open(out, "rb").read() != before:
+        problems.append("the previous output file changed")
+    if seconds > EXIT_BOUND:
+        problems.append(f"took {seconds:.0f} s")
+    return problems
+
+
+@pytest.mark.parametrize("name, script, flags, message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_gives_one_message_fast_and_no_file(files, tmp_path, name, script, flags, message):
+    flags = [f.format(**files) for f in flags]
+    existing = os.path.join(files["tmp"], "existing.h5")
+    out = existing if existing in flags else str(tmp_path / "out.h5")
+    before = open(out, "rb").read() if os.path.exists(out) else None
+    result = run_case(1, script, flags, out, str(tmp_path))
+    print(f"{name}: exit {result[0].returncode} in {result[1]:.1f} s")
+    problems = check_rejected(result, message, out, before)
+    assert not problems, f"{name}: " + "; ".join(problems)
+
+
+def test_bad_input_under_mpirun_prints_once_and_every_rank_exits(files, tmp_path):
     out = tmp_path / "s.h5"
     out.write_bytes(b"previous results")
-    proc, seconds = run(3, [SPECTRUM, "--n-samples", "20", "--out", str(out)])
-    assert proc.returncode != 0 and seconds < EXIT_BOUND
-    assert proc.stderr.count("exists; pass --overwrite") == 1, proc.stderr
-    assert out.read_bytes() == b"previous results"
+    result = run_case(2, "spectrum", [], str(out), str(tmp_path))
+    print(f"existing output under mpirun -n 2: exit {result[0].returncode} in {result[1]:.1f} s")
+    problems = check_rejected(result, "exists; pass --overwrite", str(out), b"previous results")
+    assert not problems, problems
+    result = run_case(2, "spectrum", ["--dataset", "mnist", "--data-dir", files["trunc"]],
+                      str(tmp_path / "t.h5"), str(tmp_path))
+    print(f"truncated IDX under mpirun -n 2: exit {result[0].returncode} in {result[1]:.1f} s")
+    problems = check_rejected(result, "needs 15680 data bytes", str(tmp_path / "t.h5"))
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("script, option, prefixes, valid", [
+    ("spectrum", "-hess_eps_tpye", "-hess_ (EPS), -hess_norm_ (EPS)",
+     ["-hess_norm_eps_tol", "1e-3", "-hess_eps_view", "-hess_st_ksp_converged_reason"]),
+    ("rank_curve", "-rank_bv_tpye", "-rank_ (BV), -hess_norm_ (EPS)",
+     ["-rank_bv_orthog_refine", "ifneeded", "-hess_norm_eps_monitor"]),
+    ("density", "-density_bv_orthog_refin", "-density_ (BV), -trace_ (BV)",
+     ["-density_bv_orthog_refine", "ifneeded", "-trace_bv_type", "svec"]),
+])
+def test_a_misspelt_petsc_option_is_an_error_before_the_solve(tmp_path, script, option, prefixes, valid):
+    """One message naming the option and the script's prefixes, before TensorFlow starts,
+    and PETSc's own -options_left warning listing it at exit, from rank 0 only. Valid
+    options next to it, of the script's solvers or read only at exit (-log_view), or
+    only once a solve has run (*_converged_reason), are not reported as unknown."""
+    out = tmp_path / "out.h5"
+    valid = [*valid, "-log_view", f":{tmp_path / 'log.txt'}"]
+    result = run(2, [os.path.join(SCRIPTS, f"{script}.py"), "--n-samples", "20", "--out", out,
+                     option, "lanczos", *valid], str(tmp_path))
+    proc = result[0]
+    print(f"{script} {option}: exit {proc.returncode} in {result[1]:.1f} s")
+    problems = check_rejected(result, f"unknown PETSc option {option} lanczos:", str(out))
+    assert not problems, problems
+    assert f"(its options prefixes: {prefixes})" in proc.stderr
+    assert proc.stdout.count(UNUSED_WARNING) == 1, proc.stdout
+    assert f"Option left: name:{option} value: lanczos" in proc.stdout
+    assert "name:-log_view" not in proc.stdout and "name:-hess_norm" not in proc.stdout, proc.stdout
+
+
+def test_a_nan_in_a_product_stops_every_rank_with_one_message(tmp_path):
+    """Weights finite in float64 but beyond float32's range give an Inf/NaN in the first
+    Hessian-vector product: NumericalError on every rank, one message naming the product
+    and what to try, exit 2, no results file."""
+    weights = tmp_path / "overflow.npz"
+    np.savez(weights, params=1e100 * np.random.default_rng(0).standard_normal(7840))
+    out = tmp_path / "s.h5"
+    t0 = time.perf_counter()
+    proc = run_mpi(2, [SPECTRUM, "--n-samples", "20", "--nev", "2", "--dtype", "float32", "--weights", weights,
+                       "--out", out], timeout=EXIT_BOUND * 8)
+    seconds = time.perf_counter() - t0
+    print(f"non-finite product under mpirun -n 2: exit {proc.returncode} in {seconds:.1f} s")
+    message = "product 1 of the curvature operator is not finite (NaN or Inf)"
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count(message) == 1 and proc.stderr.count("error:") == 1, proc.stderr[-3000:]
+    assert "--dtype float64" in proc.stderr and "Traceback" not in proc.stderr
+    assert "PETSc.Error" not in proc.stderr and "PetscGarbage" not in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["overflow.npz"]
 
 
 def test_an_error_on_one_rank_ends_the_job_with_that_ranks_message(tmp_path):
@@ -127,7 +255,7 @@ def test_an_error_on_one_rank_ends_the_job_with_that_ranks_message(tmp_path):
         "        raise cli.HessmpiError('shard 1 is corrupt')\n"
         "    comm.Barrier()  # rank 0 would wait here for ever without the abort\n"
         "cli.main_guard(main)\n")
-    proc, seconds = run(2, [str(driver)])
+    proc, seconds, _ = run(2, [str(driver)], str(tmp_path))
     assert proc.returncode != 0 and seconds < EXIT_BOUND
     assert "[rank 1] error: shard 1 is corrupt" in proc.stderr
 
@@ -151,22 +279,26 @@ def _descendants(pid):
     return out
 
 
-def test_a_rank_killed_mid_solve_ends_the_job_and_keeps_the_old_file(tmp_path):
-    out = tmp_path / "s.h5"
+def test_a_rank_killed_mid_solve_ends_the_job_and_keeps_old_results_and_checkpoint(tmp_path):
+    """SIGKILL to one rank once the solve has saved its first pass: the job ends within
+    seconds, the previous results file is unchanged and the checkpoint holds that pass."""
+    out, checkpoint = tmp_path / "s.h5", tmp_path / "s.ckpt.h5"
     results.write(str(out), {"spectrum/eigenvalues": [1.0], "spectrum/eigenvectors": [[1.0]],
                              "spectrum/residuals": [0.0]}, {a: "old" for a in results.ROOT_ATTRS})
     before = out.read_bytes()
-    cmd = ["mpirun", "-n", "2", sys.executable, SPECTRUM, "--model", "cnn", "--n-samples", "400",
-           "--nev", "20", "--out", str(out), "--overwrite", "-hess_eps_monitor"]
+    cmd = ["mpirun", "-n", "2", sys.executable, SPECTRUM, "--model", "cnn", "--n-samples", "128",
+           "--nev", "4", "--dtype", "float32", "--out", str(out), "--overwrite", "--checkpoint", str(checkpoint)]
     proc = subprocess.Popen(cmd, env={**os.environ, **MPI_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    seconds, seen = None, []
     try:
-        for line in proc.stdout:  # wait until the solve is under way
-            if "EPS nconv" in line or "pass 1" in line or "Hessian-vector products" in line:
+        for line in proc.stdout:  # wait until the first pass is checkpointed
+            seen.append(line)
+            if "checkpoint: 1 pass(es) saved" in line:
                 break
         ranks = [p for p in _descendants(proc.pid)
                  if SPECTRUM in open(f"/proc/{p}/cmdline").read().replace("\0", " ")]
-        assert ranks, "no rank processes found"
+        assert ranks, "no rank processes found:\n" + "".join(seen)
         t0 = time.perf_counter()
         os.kill(max(ranks), signal.SIGKILL)
         proc.wait(timeout=EXIT_BOUND)
@@ -176,6 +308,8 @@ def test_a_rank_killed_mid_solve_ends_the_job_and_keeps_the_old_file(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     print(f"job ended {seconds:.1f} s after the kill")
-    assert proc.returncode != 0 and seconds < 30
+    assert proc.returncode != 0 and seconds < EXIT_BOUND
     assert out.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["s.h5"]  # no temporary left behind
+    with h5py.File(checkpoint, "r") as f:
+        assert int(f.attrs["passes"]) >= 1 and f["checkpoint/vectors"].shape[1] == 86282
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("s.h5.")]  # no temporary results file

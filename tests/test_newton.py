@@ -267,6 +267,189 @@ def test_gauss_newton_and_subsampled_directions_equal_dense_solves():
                       f"sweeps {sweeps} for {info_b['hvps']} batch products")
 
 
+@pytest.mark.parametrize("damping", [0.0, 0.3], ids=["undamped", "damped"])
+def test_subsampled_newton_step_equals_dense_solve(damping):
+    """A sub-sampled Newton step θ + α·p: p solves (H_S + γI + σI)p = −∇F with H_S the dense
+    Hessian of the iteration's seeded subsample S and ∇F the gradient over all samples,
+    α is the first of 1, ½, … meeting Armijo on the full objective, and the cost is
+    2|S|/N sweeps per product plus one per line-search trial."""
+    gamma, m, seed, iteration = 0.05, 5, 9, 2
+    built, problem, objective, F, g, _ = setup(SOFTMAX_CASE, "l2", gamma, hessian=False)
+    n, R = len(built.labels), np.eye(160)
+    batches = training.LocalBatches(built.model, problem.images, problem.labels, n, COMM)
+    newton = NewtonCG(objective, eta_max=1e-13, batches=batches, hessian_batch=m, seed=seed, damping=damping)
+    theta_new, info = newton.step(built.theta, iteration)
+    newton.destroy()
+    idx = training.batch_indices(seed, n, m, iteration, stream=2)
+    H_S = dense_hessian(built.model, built.theta, built.images[idx], built.labels[idx])
+    p = np.linalg.solve(H_S + (gamma + damping) * R, -g)
+    alpha, trials = 1.0, 1
+    while dense_objective(built.model, built.theta + alpha * p, built.images, built.labels, gamma, R,
+                          hessian=False)[0] > F + 1e-4 * alpha * g @ p:
+        alpha, trials = alpha / 2, trials + 1
+    err = cases.rel_error(theta_new - built.theta, alpha * p)
+    sweeps = objective.cost.sweeps  # iteration > 0: ∇F at θ was paid by the previous line search
+    expected_sweeps = 2 * m / n * info["hvps"] + trials
+    collective_assert(err <= 1e-9 and info["step_size"] == alpha and len(set(idx)) == m
+                      and abs(sweeps - expected_sweeps) < 1e-12,
+                      f"σ {damping}: ‖Δθ − α·p_dense‖ rel {err:.1e}; α {info['step_size']} vs {alpha}; "
+                      f"sweeps {sweeps} vs {expected_sweeps} ({info['hvps']} products, {trials} trials)")
+
+
+def test_subsampled_newton_history_is_the_same_on_every_rank_count():
+    """Three sub-sampled Newton iterations on this run's ranks and on one rank (COMM_SELF)
+    give the same history: the subsample is drawn globally and each rank uses its share."""
+    from mpi4py import MPI
+
+    built = cases.build(SOFTMAX_CASE, dense=False)
+    n = len(built.labels)
+    runs = []
+    for comm_ in (COMM, MPI.COMM_SELF):
+        problem = ArrayProblem(built.model, built.images, built.labels, comm_)
+        objective = training.Objective(problem, "l2", 0.05, training.Cost())
+        batches = training.LocalBatches(built.model, problem.images, problem.labels, n, comm_)
+        newton = NewtonCG(objective, batches=batches, hessian_batch=6, seed=4, damping=0.01)
+        history = training.History()
+        theta, why = training.run(newton, objective, built.theta, history, 3)
+        newton.destroy()
+        runs.append((theta, history, why))
+    (theta_p, hist_p, why_p), (theta_1, hist_1, why_1) = runs
+    exact = all(hist_p.rows[f] == hist_1.rows[f] for f in ("iteration", "ksp_iterations", "hvps", "sweeps",
+                                                             "step_size"))
+    loss_err = max(abs(a - b) / abs(b) for a, b in zip(hist_p.rows["loss"], hist_1.rows["loss"]))
+    theta_err = cases.rel_error(theta_p - built.theta, theta_1 - built.theta)
+    collective_assert(why_p == why_1 == "iterations" and exact and loss_err <= 1e-13 and theta_err <= 1e-10
+                      and hist_1.rows["loss"][-1] < hist_1.rows["loss"][0],
+                      f"{COMM.Get_size()} ranks vs 1: stop {why_p}/{why_1}; counts equal {exact} "
+                      f"(KSP its {hist_p.rows['ksp_iterations']} vs {hist_1.rows['ksp_iterations']}); "
+                      f"loss rel diff {loss_err:.1e}; θ rel diff {theta_err:.1e}")
+
+
+@pytest.mark.parametrize("hessian_batch", [None, 5], ids=["prefix-hessian", "subsampled"])
+def test_growing_sample_newton_step_equals_dense_solve(hessian_batch):
+    """Iteration k of dynamic sample size Newton (--grow-from 4, factor 2: n = 4, 8, 13) uses
+    only the first n_k = 8 samples: p solves (H_S + γI + σI)p = −∇F_8, S the first 8 samples
+    (or the iteration's seeded subsample of them), α is the first of 1, ½, … meeting Armijo
+    on F_8, and the cost is (8 − 4)/N for ∇F_8 (the first 4 were paid by the line search
+    of iteration k − 1), 8/N per trial and 2|S|/N per product."""
+    gamma, damping, seed, iteration, n_k = 0.05, 0.02, 3, 1, 8
+    built, problem, objective, _, _, _ = setup(SOFTMAX_CASE, "l2", gamma, hessian=False)
+    n, R = len(built.labels), np.eye(160)
+    batches = training.LocalBatches(built.model, problem.images, problem.labels, n, COMM)
+    newton = NewtonCG(objective, eta_max=1e-13, batches=batches, hessian_batch=hessian_batch, seed=seed,
+                      damping=damping, grow_from=4, grow_factor=2.0)
+    sizes = [newton.sample_size(k) for k in range(4)]
+    theta_new, info = newton.step(built.theta, iteration)
+    newton.destroy()
+    X, y = built.images[:n_k], built.labels[:n_k]
+    F, g, _ = dense_objective(built.model, built.theta, X, y, gamma, R, hessian=False)
+    idx = (np.arange(n_k) if hessian_batch is None
+           else training.batch_indices(seed, n_k, hessian_batch, iteration, stream=2))
+    H_S = dense_hessian(built.model, built.theta, X[idx], y[idx])
+    p = np.linalg.solve(H_S + (gamma + damping) * R, -g)
+    alpha, trials = 1.0, 1
+    while dense_objective(built.model, built.theta + alpha * p, X, y, gamma, R, hessian=False)[0] \
+            > F + 1e-4 * alpha * g @ p:
+        alpha, trials = alpha / 2, trials + 1
+    err = cases.rel_error(theta_new - built.theta, alpha * p)
+    expected_sweeps = (n_k - 4) / n + trials * n_k / n + 2 * len(idx) / n * info["hvps"]
+    sweeps = objective.cost.sweeps
+    collective_assert(sizes == [4, 8, 13, 13] and err <= 1e-9 and info["step_size"] == alpha
+                      and np.all(idx < n_k) and abs(sweeps - expected_sweeps) < 1e-12,
+                      f"sizes {sizes}; ‖Δθ − α·p_dense‖ rel {err:.1e}; α {info['step_size']} vs {alpha}; "
+                      f"sweeps {sweeps} vs {expected_sweeps} ({info['hvps']} products, {trials} trials)")
+
+
+def test_growing_sample_history_is_the_same_on_every_rank_count():
+    """Four iterations of dynamic sample size Newton (n = 3, 6, 12, 13: the first of them on
+    samples one rank owns alone at 2 ranks) on this run's ranks and on one rank give the
+    same history, and they reach the full-data objective's decrease."""
+    from mpi4py import MPI
+
+    built = cases.build(SOFTMAX_CASE, dense=False)
+    n = len(built.labels)
+    runs = []
+    for comm_ in (COMM, MPI.COMM_SELF):
+        problem = ArrayProblem(built.model, built.images, built.labels, comm_)
+        objective = training.Objective(problem, "l2", 0.05, training.Cost())
+        batches = training.LocalBatches(built.model, problem.images, problem.labels, n, comm_)
+        newton = NewtonCG(objective, batches=batches, damping=0.01, grow_from=3, grow_factor=2.0)
+        history = training.History()
+        theta, why = training.run(newton, objective, built.theta, history, 4)
+        newton.destroy()
+        runs.append((theta, history, why))
+    (theta_p, hist_p, why_p), (theta_1, hist_1, why_1) = runs
+    exact = all(hist_p.rows[f] == hist_1.rows[f] for f in ("iteration", "ksp_iterations", "hvps", "step_size"))
+    sweeps_err = max(abs(a - b) for a, b in zip(hist_p.rows["sweeps"], hist_1.rows["sweeps"]))
+    loss_err = max(abs(a - b) / abs(b) for a, b in zip(hist_p.rows["loss"], hist_1.rows["loss"]))
+    theta_err = cases.rel_error(theta_p - built.theta, theta_1 - built.theta)
+    collective_assert(why_p == why_1 == "iterations" and exact and sweeps_err < 1e-12 and loss_err <= 1e-12
+                      and theta_err <= 1e-10 and hist_1.rows["loss"][-1] < hist_1.rows["loss"][0],
+                      f"{COMM.Get_size()} ranks vs 1: stop {why_p}/{why_1}; counts equal {exact} "
+                      f"(KSP its {hist_p.rows['ksp_iterations']} vs {hist_1.rows['ksp_iterations']}); "
+                      f"sweeps diff {sweeps_err:.1e}; loss rel diff {loss_err:.1e}; θ rel diff {theta_err:.1e}")
+
+
+def test_growing_sample_refuses_bad_settings():
+    built = cases.build(SOFTMAX_CASE, dense=False)
+    problem = ArrayProblem(built.model, built.images, built.labels)
+    objective = training.Objective(problem, "l2", 0.1, training.Cost())
+    batches = training.LocalBatches(built.model, problem.images, problem.labels, len(built.labels), COMM)
+    errors = []
+    for kwargs, message in (({"grow_from": 0}, "--grow-from must be between 1 and the 13 training samples"),
+                            ({"grow_from": 14}, "--grow-from must be between 1 and the 13 training samples"),
+                            ({"grow_from": 4, "grow_factor": 1.0}, "--grow-factor must be a finite number > 1"),
+                            ({"grow_from": 4, "grow_factor": float("inf")}, "--grow-factor must be a finite")):
+        try:
+            NewtonCG(objective, batches=batches, **kwargs).destroy()
+            errors.append(f"{kwargs}: accepted")
+        except training.HessmpiError as e:
+            if message not in str(e):
+                errors.append(f"{kwargs}: {e}")
+    collective_assert(not errors, "; ".join(errors))
+
+
+@pytest.mark.parametrize("kind", regularize.REGULARIZERS)
+def test_kronecker_preconditioner_is_the_inverse_of_its_dense_matrix(kind):
+    """P⁻¹ applied by PETSc equals the dense inverse of S ⊗ Ā + γR + σI (S the pixel second
+    moments of all images, Ā the mean softmax Hessian of the subsample); at θ = 0, where all
+    pᵢ are equal, P is the Hessian of F itself, and the preconditioned KSP solves the
+    Newton system in one iteration."""
+    gamma, sigma, m, seed = 0.05, 0.02, 6, 3
+    built, problem, objective, F, g, _ = setup(SOFTMAX_CASE, kind, gamma, hessian=False)
+    n, model = len(built.labels), built.model
+    batches = training.LocalBatches(model, problem.images, problem.labels, n, COMM)
+    newton = NewtonCG(objective, batches=batches, hessian_batch=m, seed=seed, damping=sigma,
+                      preconditioner="kronecker")
+    newton.data_curvature(built.theta, 0)
+    X = built.images.reshape(n, -1)
+    idx = training.batch_indices(seed, n, m, 0, stream=2)
+    Z = X[idx] @ built.theta.reshape(-1, 10)
+    p = np.exp(Z - Z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    A = sum(np.diag(q) - np.outer(q, q) for q in p) / m
+    R = regularize.dense_matrix(kind, model)
+    P = np.kron(X.T @ X / n, A) + gamma * R + sigma * np.eye(160)
+    v = np.random.default_rng(5).standard_normal(160)
+    x, y = newton.mat.createVecs()
+    x.getArray()[:] = v[newton.op.lo:newton.op.hi]
+    newton.ksp.getPC().apply(x, y)
+    err = cases.rel_error(newton.op.hessian.gather(y.getArray(readonly=True)).copy(), np.linalg.solve(P, v))
+    cost = objective.cost.sweeps  # S once (1 sweep) and the subsample's probabilities (m/n)
+    newton.destroy()
+
+    zero = np.zeros(160)
+    F0, g0, H0 = dense_objective(model, zero, built.images, built.labels, gamma, R)
+    newton = NewtonCG(objective, eta_max=1e-10, batches=batches, preconditioner="kronecker")
+    d, info = newton.direction(zero, g0)
+    newton.destroy()
+    d_err = cases.rel_error(d, np.linalg.solve(H0, -g0))
+    collective_assert(err <= 1e-10 and d_err <= 1e-8 and info["ksp_iterations"] == 1
+                      and abs(cost - (1 + m / n)) < 1e-12,
+                      f"{kind}: ‖P⁻¹v − dense‖ rel {err:.1e}; at θ = 0 the direction's rel error {d_err:.1e} "
+                      f"after {info['ksp_iterations']} KSP iterations; sweeps charged {cost}")
+
+
 def test_negative_curvature_stops_cg_like_truncated_newton():
     """On an indefinite CNN Hessian (γ = 0) the KSP returns the CG iterate reached before the
     first direction of nonpositive curvature (or −g if that is the first one)."""
@@ -437,7 +620,7 @@ def test_sgd_and_adam_steps_follow_their_formulas():
 # ---------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("method_name", ["newton", "adam", "lrsfn"])
+@pytest.mark.parametrize("method_name", ["newton", "newton-subsampled", "newton-growing", "adam", "lrsfn"])
 def test_resumed_run_ends_where_an_uninterrupted_run_ends(method_name, shared_tmp_path):
     """Run 4 iterations; then 2, save, build everything afresh, load and run 2 more: the
     same θ, bit for bit, and the same history."""
@@ -451,6 +634,10 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(method_name, shared_tm
         objective = training.Objective(problem, "l2", 0.05, training.Cost())
         if method_name == "newton":
             return objective, NewtonCG(objective)
+        if method_name == "newton-subsampled":  # a new subsample in every iteration
+            return objective, NewtonCG(objective, batches=batches, hessian_batch=4, seed=1, damping=0.01)
+        if method_name == "newton-growing":  # n = 3, 6, 12, 13; resumed at n = 12 with an empty cache
+            return objective, NewtonCG(objective, batches=batches, damping=0.01, grow_from=3, grow_factor=2.0)
         if method_name == "lrsfn":
             return objective, LowRankSaddleFreeNewton(objective, batches, 1, rank=3, batch_size=5,
                                                       hessian_batch=4, learning_rate=0.5)

@@ -202,3 +202,30 @@ def test_ownership_matches_petsc_layout(n):
     ours = (int(offsets[COMM.rank]), int(offsets[COMM.rank] + counts[COMM.rank]))
     collective_assert(ours == petsc_range and counts.sum() == n and len(counts) == COMM.size,
                       f"n={n}: ownership gives {ours}, PETSc {petsc_range}, counts {counts}")
+
+
+def test_products_are_traced_once_whatever_the_instances_and_batch_sizes():
+    # Shard sizes, micro-batch sizes and new LocalCurvatures of one model (a rank curve makes
+    # one per batch size, training one per mini-batch) must reuse the traced functions.
+    model = models.get_model("softmax", image_size=4)
+    traces, logits = [], model.logits
+
+    def counted_logits(theta, images):  # runs in Python only while a function is traced
+        traces.append(1)
+        return logits(theta, images)
+
+    model.logits = counted_logits
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(model.n_params)
+    counts = []
+    for n, micro_batch in ((7, 3), (5, 5), (11, 4), (1, 1)):
+        c = curvature.LocalCurvature(model, rng.random((n, 4, 4, 1)), rng.integers(0, 10, n),
+                                     "float64", micro_batch=micro_batch)
+        c.set_params(rng.standard_normal(model.n_params))
+        c.hvp(v)
+        c.ggn(v)
+        c.loss_grad()
+        counts.append((c.tracing_count(), c.tracing_count("ggn")))
+    collective_assert(counts == [(1, 1)] * 4 and len(traces) == 3,
+                      f"(HVP, GGN) tracing counts per instance: {counts}; {len(traces)} traces in all "
+                      f"(HVP, GGN, gradient: 3 expected)")

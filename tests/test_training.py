@@ -123,8 +123,8 @@ def test_compare_prints_a_table_and_writes_a_png(tmp_path, compare_script):
     lines = compare_script.table([(p, *results.read(p, "newton")) for p in paths], target=0.85)
     out = str(tmp_path / "cmp.png")
     status = compare_script.main([*paths, "--out", out, "--target", "0.85"])
-    ok = (status == 0 and os.path.getsize(out) > 1000 and "0.9000" in lines[1] and lines[1].split()[-1] == "6.00"
-          and lines[2].split()[-1] == "6.00")
+    ok = (status == 0 and os.path.getsize(out) > 1000 and "0.9000" in lines[1]
+          and lines[1].split()[-2:] == ["6.00", "2.0"] and lines[2].split()[-2:] == ["6.00", "2.0"])
     missing = compare_script.main([paths[0], str(tmp_path / "nope.h5"), "--out", out])
     from hessmpi import training_plots
 
@@ -187,3 +187,86 @@ def test_newton_script_resumes_where_an_uninterrupted_run_ends(tmp_path):
     assert attrs["finished"] == 1 and attrs["method"] == "newton" and attrs["n_ranks"] == 2
     assert attrs["n_samples"] == 200 and attrs["n_params"] == 7840 and attrs["n_matvecs"] == ref["newton/hvps"][-1] > 0
     assert np.all(np.diff(ref["newton/loss"]) < 0) and np.all(ref["newton/ksp_iterations"][1:] > 0)
+
+
+@pytest.mark.serial
+def test_a_diverging_run_stops_with_one_message_and_writes_nothing(tmp_path):
+    """SGD whose steps grow θ by a factor 1e10 (--lr 1e10 with --gamma 1) overflows within
+    a few dozen steps. On 2 ranks: exit status 2 everywhere, one message naming the
+    iteration and what to try, no results file if no row was checkpointed yet, and the
+    last checkpoint (row 10) left as it was otherwise."""
+    import time
+
+    flags = ["--method", "sgd", "--lr", "1e10", "--gamma", "1", "--n-samples", "200", "--n-test", "100",
+             "--iterations", "100", "--no-plot"]
+    outcomes = {}
+    for every in (50, 10):
+        out = tmp_path / f"every{every}.h5"
+        t0 = time.perf_counter()
+        proc = run_mpi(2, [NEWTON, "--out", out, *flags, "--record-every", every], timeout=600)
+        outcomes[every] = (proc, out, time.perf_counter() - t0)
+    for every, (proc, out, seconds) in outcomes.items():
+        assert proc.returncode == 2, f"--record-every {every}: status {proc.returncode}\n{proc.stderr[-3000:]}"
+        messages = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(messages) == 1, proc.stderr[-3000:]
+        assert ("the run diverged in iteration" in messages[0] and "not finite" in messages[0]
+                and "a smaller --lr (this run: 1e+10)" in messages[0] and "a larger --gamma" in messages[0]
+                and "no results were written" in messages[0]), messages[0]
+        assert "Traceback" not in proc.stderr and "RuntimeWarning" not in proc.stderr, proc.stderr[-3000:]
+        assert seconds < 300, f"--record-every {every}: {seconds:.0f} s"
+        assert not [p for p in os.listdir(tmp_path) if ".tmp" in p], os.listdir(tmp_path)
+    iteration = int(outcomes[50][0].stderr.split("diverged in iteration ")[1].split(":")[0])
+    assert 10 < iteration < 50, f"diverged in iteration {iteration}, expected between the checkpoints"
+    assert not outcomes[50][1].exists(), "a run that diverged before its first checkpoint wrote a file"
+    kept, attrs = results.read(str(outcomes[10][1]), "newton")
+    assert list(kept["newton/iteration"]) == [0, 10] and attrs["finished"] == 0
+    assert np.all(np.isfinite(kept["model/params"])) and np.all(np.isfinite(kept["newton/loss"]))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--method", "sgd", "--hessian-batch", "100"], "--hessian-batch applies to --method newton and lrsfn"),
+    (["--method", "adam", "--damping", "0.1"], "--damping applies to --method newton and lrsfn"),
+    (["--hessian-batch", "0"], "--hessian-batch must be at least 1"),
+    (["--method", "lrsfn", "--preconditioner", "kronecker"], "--preconditioner applies to --method newton"),
+    (["--preconditioner", "diagonal"], "invalid choice: 'diagonal'"),
+    (["--method", "sgd", "--grow-from", "100"], "--grow-from and --grow-factor apply to --method newton"),
+    (["--grow-from", "0"], "--grow-from must be between 1 and the number of training samples"),
+    (["--grow-from", "500", "--n-samples", "400"], r"--grow-from must be between 1 and .*\(400\), got 500"),
+    (["--grow-factor", "2"], "--grow-factor needs --grow-from"),
+    (["--grow-from", "100", "--grow-factor", "1"], "--grow-factor must be a finite number > 1"),
+    (["--grow-from", "100", "--grow-factor", "nan"], "--grow-factor must be a finite number > 1"),
+], ids=["batch-for-sgd", "damping-for-adam", "batch-zero", "pc-for-lrsfn", "unknown-pc", "grow-for-sgd",
+        "grow-zero", "grow-above-n", "factor-alone", "factor-one", "factor-nan"])
+def test_newton_script_refuses_flags_that_do_not_apply(flags, message):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("newton_script", NEWTON)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(HessmpiError, match=message):
+        module.parse(flags)
+    defaults = module.parse([])
+    collective_assert(defaults.damping == 0.0 and module.parse(["--method", "lrsfn"]).damping == 1.0
+                      and defaults.preconditioner == "none" and defaults.hessian_batch is None
+                      and defaults.grow_from is None
+                      and module.parse(["--grow-from", "100"]).grow_factor == 4.0)
+
+
+def test_newton_rejects_a_negative_damping_and_a_kronecker_cnn():
+    from test_newton import CNN_CASE, SOFTMAX_CASE, ArrayProblem
+    from hessmpi.newton import NewtonCG
+
+    errors = []
+    for case, kwargs, message in ((SOFTMAX_CASE, {"damping": -1.0}, "--damping must be a finite number >= 0"),
+                                  (CNN_CASE, {"preconditioner": "kronecker"}, "built for the softmax model")):
+        built = cases.build(case, dense=False)
+        problem = ArrayProblem(built.model, built.images, built.labels)
+        objective = training.Objective(problem, "l2", 0.1, training.Cost())
+        batches = training.LocalBatches(built.model, problem.images, problem.labels, len(built.labels), COMM)
+        try:
+            NewtonCG(objective, batches=batches, **kwargs).destroy()
+            errors.append(f"{kwargs}: accepted")
+        except HessmpiError as e:
+            if message not in str(e):
+                errors.append(f"{kwargs}: {e}")
+    collective_assert(not errors, "; ".join(errors))
