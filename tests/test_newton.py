@@ -80,25 +80,6 @@ def penalty_hessian(kind, model):
     return outer.jacobian(grad, th).numpy()
 
 
-def dense_hessian(model, theta, images, labels):
-    """(1/N) ∂²(Σ loss)/∂θ² by nested GradientTapes, the Jacobian of the gradient taken
-    column by column in one tf.function (three times faster than pfor on the tiny CNN)."""
-    x, y = tf.constant(images), tf.constant(labels)
-
-    @tf.function
-    def hessian(th):
-        with tf.GradientTape() as outer:
-            outer.watch(th)
-            with tf.GradientTape() as inner:
-                inner.watch(th)
-                loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                    labels=y, logits=model.logits(th, x)))
-            grad = inner.gradient(loss, th)
-        return outer.jacobian(grad, th, experimental_use_pfor=False)
-
-    return hessian(tf.constant(theta)).numpy() / len(labels)
-
-
 def dense_objective(model, theta, images, labels, gamma, R, hessian=True):
     """(F, ∇F, ∇²F or None) of mean loss + γ/2·θᵀRθ by TensorFlow autodiff, independent of hessmpi."""
     th = tf.constant(theta)
@@ -107,7 +88,7 @@ def dense_objective(model, theta, images, labels, gamma, R, hessian=True):
         tape.watch(th)
         loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=model.logits(th, x)))
     g = tape.gradient(loss, th).numpy() + gamma * R @ theta
-    H = dense_hessian(model, theta, images, labels) + gamma * R if hessian else None
+    H = cases.dense_hessian(model, theta, images, labels) + gamma * R if hessian else None
     return float(loss) + 0.5 * gamma * theta @ R @ theta, g, H
 
 
@@ -129,7 +110,7 @@ def data_hessian(case):
     """The dense Hessian of the case's mean loss at its θ, computed once per case."""
     if case["id"] not in _DATA_HESSIANS:
         built = cases.build(case, dense=False)
-        _DATA_HESSIANS[case["id"]] = dense_hessian(built.model, built.theta, built.images, built.labels)
+        _DATA_HESSIANS[case["id"]] = cases.dense_hessian(built.model, built.theta, built.images, built.labels)
     return _DATA_HESSIANS[case["id"]]
 
 
@@ -259,7 +240,7 @@ def test_gauss_newton_and_subsampled_directions_equal_dense_solves():
     d, info_b = newton.direction(built.theta, g, iteration=3)
     newton.destroy()
     idx = training.batch_indices(9, n, 5, 3, stream=2)
-    H_b = dense_hessian(built.model, built.theta, built.images[idx], built.labels[idx]) + gamma * np.eye(160)
+    H_b = cases.dense_hessian(built.model, built.theta, built.images[idx], built.labels[idx]) + gamma * np.eye(160)
     batch_err = cases.rel_error(d, np.linalg.solve(H_b, -g))
     sweeps = objective.cost.sweeps
     collective_assert(ggn_err <= 1e-9 and batch_err <= 1e-9 and abs(sweeps - 2 * 5 / n * info_b["hvps"]) < 1e-12,
@@ -281,7 +262,7 @@ def test_subsampled_newton_step_equals_dense_solve(damping):
     theta_new, info = newton.step(built.theta, iteration)
     newton.destroy()
     idx = training.batch_indices(seed, n, m, iteration, stream=2)
-    H_S = dense_hessian(built.model, built.theta, built.images[idx], built.labels[idx])
+    H_S = cases.dense_hessian(built.model, built.theta, built.images[idx], built.labels[idx])
     p = np.linalg.solve(H_S + (gamma + damping) * R, -g)
     alpha, trials = 1.0, 1
     while dense_objective(built.model, built.theta + alpha * p, built.images, built.labels, gamma, R,
@@ -296,9 +277,10 @@ def test_subsampled_newton_step_equals_dense_solve(damping):
                       f"sweeps {sweeps} vs {expected_sweeps} ({info['hvps']} products, {trials} trials)")
 
 
-def test_subsampled_newton_history_is_the_same_on_every_rank_count():
-    """Three sub-sampled Newton iterations on this run's ranks and on one rank (COMM_SELF)
-    give the same history: the subsample is drawn globally and each rank uses its share."""
+def histories_here_and_on_one_rank(make_newton, iterations):
+    """(the case, [(θ, history, stop reason)]) of `iterations` Newton iterations on the
+    small softmax case, on this run's ranks and then on COMM_SELF; make_newton(objective,
+    batches) builds the method."""
     from mpi4py import MPI
 
     built = cases.build(SOFTMAX_CASE, dense=False)
@@ -308,11 +290,19 @@ def test_subsampled_newton_history_is_the_same_on_every_rank_count():
         problem = ArrayProblem(built.model, built.images, built.labels, comm_)
         objective = training.Objective(problem, "l2", 0.05, training.Cost())
         batches = training.LocalBatches(built.model, problem.images, problem.labels, n, comm_)
-        newton = NewtonCG(objective, batches=batches, hessian_batch=6, seed=4, damping=0.01)
+        newton = make_newton(objective, batches)
         history = training.History()
-        theta, why = training.run(newton, objective, built.theta, history, 3)
+        theta, why = training.run(newton, objective, built.theta, history, iterations)
         newton.destroy()
         runs.append((theta, history, why))
+    return built, runs
+
+
+def test_subsampled_newton_history_is_the_same_on_every_rank_count():
+    """Three sub-sampled Newton iterations on this run's ranks and on one rank (COMM_SELF)
+    give the same history: the subsample is drawn globally and each rank uses its share."""
+    built, runs = histories_here_and_on_one_rank(
+        lambda objective, batches: NewtonCG(objective, batches=batches, hessian_batch=6, seed=4, damping=0.01), 3)
     (theta_p, hist_p, why_p), (theta_1, hist_1, why_1) = runs
     exact = all(hist_p.rows[f] == hist_1.rows[f] for f in ("iteration", "ksp_iterations", "hvps", "sweeps",
                                                              "step_size"))
@@ -345,7 +335,7 @@ def test_growing_sample_newton_step_equals_dense_solve(hessian_batch):
     F, g, _ = dense_objective(built.model, built.theta, X, y, gamma, R, hessian=False)
     idx = (np.arange(n_k) if hessian_batch is None
            else training.batch_indices(seed, n_k, hessian_batch, iteration, stream=2))
-    H_S = dense_hessian(built.model, built.theta, X[idx], y[idx])
+    H_S = cases.dense_hessian(built.model, built.theta, X[idx], y[idx])
     p = np.linalg.solve(H_S + (gamma + damping) * R, -g)
     alpha, trials = 1.0, 1
     while dense_objective(built.model, built.theta + alpha * p, X, y, gamma, R, hessian=False)[0] \
@@ -364,20 +354,8 @@ def test_growing_sample_history_is_the_same_on_every_rank_count():
     """Four iterations of dynamic sample size Newton (n = 3, 6, 12, 13: the first of them on
     samples one rank owns alone at 2 ranks) on this run's ranks and on one rank give the
     same history, and they reach the full-data objective's decrease."""
-    from mpi4py import MPI
-
-    built = cases.build(SOFTMAX_CASE, dense=False)
-    n = len(built.labels)
-    runs = []
-    for comm_ in (COMM, MPI.COMM_SELF):
-        problem = ArrayProblem(built.model, built.images, built.labels, comm_)
-        objective = training.Objective(problem, "l2", 0.05, training.Cost())
-        batches = training.LocalBatches(built.model, problem.images, problem.labels, n, comm_)
-        newton = NewtonCG(objective, batches=batches, damping=0.01, grow_from=3, grow_factor=2.0)
-        history = training.History()
-        theta, why = training.run(newton, objective, built.theta, history, 4)
-        newton.destroy()
-        runs.append((theta, history, why))
+    built, runs = histories_here_and_on_one_rank(
+        lambda objective, batches: NewtonCG(objective, batches=batches, damping=0.01, grow_from=3, grow_factor=2.0), 4)
     (theta_p, hist_p, why_p), (theta_1, hist_1, why_1) = runs
     exact = all(hist_p.rows[f] == hist_1.rows[f] for f in ("iteration", "ksp_iterations", "hvps", "step_size"))
     sweeps_err = max(abs(a - b) for a, b in zip(hist_p.rows["sweeps"], hist_1.rows["sweeps"]))
