@@ -43,6 +43,7 @@ bench: setup
 	@mkdir -p $(BENCH_OUT); set -o pipefail; o=$(BENCH_OUT); \
 	run() { name=$$1; shift; echo "+ $$*"; "$$@" --json $$o/$$name.json </dev/null | tee $$o/$$name.md || exit 1; }; \
 	run hvp_cost $(PYTHON) bench/hvp_cost.py; \
+	run hvp_cost_1thread $(PYTHON) bench/hvp_cost.py --threads 1; \
 	run comm_cost $(PYTHON) bench/comm_cost.py --models cnn,softmax; \
 	run eigen_cnn_2x1 $(BENCH_MPI) bench/eigen_cost.py --model cnn --dtype float32 --n-samples 1000 \
 		--solvers default,krylovschur,pyhessian; \

@@ -2,7 +2,7 @@
 """Cost of one gradient and one Hessian-vector product on one rank, per model, dtype and HVP mode.
 
     python bench/hvp_cost.py [--samples 1000,4000] [--modes reverse-over-reverse,forward-over-reverse]
-                             [--skip cnn:float64:4000] [--repeat 2] [--json FILE]
+                             [--skip cnn:float64:4000] [--repeat 5] [--threads T] [--json FILE]
 
 Prints a Markdown table: seconds per gradient, per HVP, and their ratio (the
 theoretical floor of an HVP is about 2 gradients), and how often the HVP function was
@@ -21,15 +21,20 @@ import numpy as np
 from hessmpi import data, runtime
 
 
-def best_time(fn, repeat, budget=0.5):
-    """The best of at least `repeat` timed calls, more while they add up to under `budget` s."""
-    fn()  # trace and warm up
-    times = []
-    while len(times) < repeat or sum(times) < budget:
+def paired_times(grad, hvp, repeat, budget=1.0):
+    """(best gradient time, best HVP time, median of the per-pair ratios) over at least
+    `repeat` back-to-back (gradient, HVP) pairs, more while they add up to under `budget`
+    s. Pairing makes the ratio robust to a machine whose speed drifts during the run."""
+    grad(), hvp()  # trace and warm up
+    tg, th = [], []
+    while len(tg) < repeat or sum(tg) + sum(th) < budget:
         t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        grad()
+        t1 = time.perf_counter()
+        hvp()
+        tg.append(t1 - t)
+        th.append(time.perf_counter() - t1)
+    return min(tg), min(th), float(np.median(np.array(th) / np.array(tg)))
 
 
 def main():
@@ -38,7 +43,7 @@ def main():
     p.add_argument("--modes", default="reverse-over-reverse")
     p.add_argument("--skip", default="cnn:float64:4000", help="model:dtype:samples to leave out (slow)")
     p.add_argument("--micro-batch", type=int, default=1000)
-    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--models", default="softmax,cnn")
     p.add_argument("--json", default=None)
@@ -62,14 +67,13 @@ def main():
                 for mode in args.modes.split(","):
                     c = LocalCurvature(model, x, y, dtype, micro_batch=args.micro_batch, hvp_mode=mode)
                     c.set_params(theta)
-                    tg = best_time(c.loss_grad, args.repeat)
-                    th = best_time(lambda: c.hvp(v), args.repeat)
+                    tg, th, ratio = paired_times(c.loss_grad, lambda: c.hvp(v), args.repeat)
                     rows.append(dict(model=name, dtype=dtype, mode=mode, n_samples=n,
-                                     threads=threads, grad_s=tg, hvp_s=th, ratio=th / tg,
+                                     threads=threads, grad_s=tg, hvp_s=th, ratio=ratio,
                                      traces=c.tracing_count()))
-                    print(f"  {name} {dtype} {n} {mode}: {th / tg:.2f}", file=sys.stderr, flush=True)
+                    print(f"  {name} {dtype} {n} {mode}: {ratio:.2f}", file=sys.stderr, flush=True)
     print(f"\nOne gradient and one HVP in the same process, mnist-5k digits, 1 rank, {threads} TF thread(s), "
-          f"micro-batch {args.micro_batch}, best of {args.repeat}\n")
+          f"micro-batch {args.micro_batch}, best time and median ratio of ≥ {args.repeat} back-to-back pairs\n")
     print("| model | dtype | samples | HVP mode | gradient (s) | HVP (s) | HVP / gradient | HVP traces |")
     print("|---|---|---:|---|---:|---:|---:|---:|")
     for r in rows:

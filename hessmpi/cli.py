@@ -10,13 +10,12 @@ and aborts the whole MPI job, so no rank is left waiting in a collective.
 
 The inputs are checked before TensorFlow starts (`check_inputs`), so a bad one ends
 the job in about a second. PETSc options that no solver reads are reported before the
-solve (`check_petsc_options`) and, at exit, by PETSc's own -options_left listing.
+solve and at exit (`hessmpi.petsc_options`).
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import os
 import shlex
@@ -24,6 +23,7 @@ import sys
 import time
 import traceback
 
+from . import petsc_options
 from .errors import HessmpiError
 
 DATASET_CHOICES = ("mnist-5k", "mnist", "fashion-mnist", "synthetic")
@@ -94,111 +94,7 @@ def init_petsc(petsc_args: list[str]) -> None:
     argv = [sys.argv[0]] + petsc_args
     petsc4py.init(argv)
     slepc4py.init(argv)
-    atexit.register(_report_unused_options)  # runs before petsc4py's PetscFinalize
-
-
-# Options that PETSc reads only at PetscFinalize or when something is drawn or viewed
-# (after the solve): never reported as unused by check_petsc_options.
-_READ_LATER = ("options_left", "options_view", "mpi_linear_solver_server_view", "nox", "nox_warning",
-               "display", "draw_pause", "saws_port")
-_READ_LATER_PARTS = ("view", "converged_reason", "viewer_", "draw_", "saws_")
-_state = {"finished": False, "flagged": False}
-
-
-def _petsc_library():
-    """A ctypes handle on the PETSc library that petsc4py loaded, or None."""
-    import ctypes
-
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "/libpetsc" in line}
-    except OSError:
-        paths = set()
-    for path in sorted(paths):
-        name = os.path.basename(path)
-        if name.startswith("libpetsc") and ".so" in name and not name.startswith("libpetsc4py"):
-            try:
-                return ctypes.CDLL(path)
-            except OSError:
-                pass
-    return None
-
-
-def unused_petsc_options() -> list[str] | None:
-    """The options of PETSc's database that nothing has read so far on this rank, as
-    "-name value" strings (PetscOptionsLeftGet); None if the library is out of reach."""
-    import ctypes
-
-    import numpy as np
-    from petsc4py import PETSc
-
-    lib = _petsc_library()
-    if lib is None or not hasattr(lib, "PetscOptionsLeftGet"):
-        return None
-    count = (ctypes.c_int64 if np.dtype(PETSc.IntType).itemsize == 8 else ctypes.c_int32)(0)
-    names, values = ctypes.POINTER(ctypes.c_char_p)(), ctypes.POINTER(ctypes.c_char_p)()
-    args = (None, ctypes.byref(count), ctypes.byref(names), ctypes.byref(values))
-    if lib.PetscOptionsLeftGet(*args) != 0:
-        return None
-    try:
-        return [f"-{names[i].decode()}" + (f" {values[i].decode()}" if values[i] else "")
-                for i in range(count.value)]
-    finally:
-        lib.PetscOptionsLeftRestore(*args)
-
-
-def check_petsc_options(**prefixes) -> None:
-    """Raise HessmpiError naming every PETSc option of the command line that the
-    script's solvers will not read (a typo such as -hess_eps_tpye), before the solve.
-
-    prefixes maps a SLEPc/PETSc object kind (eps, bv, ksp) to the options prefixes
-    the script gives such objects, e.g. check_petsc_options(eps=("hess_", "hess_norm_")).
-    An object of each kind and prefix is made on this rank and set from the options,
-    which marks every option it understands as used; what is left is reported.
-    Options read only at exit or when viewing (-options_left, -*_view*,
-    -*_converged_reason) are not reported here; PETSc lists them at exit if they stay
-    unused. Call on every rank after init_petsc, inside all_ranks.
-    """
-    from petsc4py import PETSc
-    from slepc4py import SLEPc
-
-    makers = {"eps": SLEPc.EPS, "bv": SLEPc.BV, "ksp": PETSc.KSP}
-    for kind, names in prefixes.items():
-        for prefix in ([names] if isinstance(names, str) else names):
-            obj = makers[kind]().create(comm=PETSc.COMM_SELF)
-            try:
-                obj.setOptionsPrefix(prefix)
-                obj.setFromOptions()
-            finally:
-                obj.destroy()
-    left = unused_petsc_options() or []
-    left = [opt for opt in left if not _read_later(opt)]
-    if left:
-        _state["flagged"] = True
-        known = ", ".join(f"-{p} ({kind.upper()})" for kind, names in prefixes.items()
-                          for p in ([names] if isinstance(names, str) else names))
-        raise HessmpiError(f"unknown PETSc option{'s' if len(left) > 1 else ''} {', '.join(left)}: "
-                           f"no solver of this script reads {'them' if len(left) > 1 else 'it'} "
-                           f"(its options prefixes: {known}); check the spelling, -help lists the options")
-
-
-def _read_later(option: str) -> bool:
-    name = option.split()[0].lstrip("-")
-    return name in _READ_LATER or any(part in name for part in _READ_LATER_PARTS)
-
-
-def _report_unused_options() -> None:
-    """At exit, after a run that finished or whose options were found wrong: if options
-    stay unused, set -options_left so that PetscFinalize prints PETSc's own warning
-    listing them (on rank 0). Optimized PETSc builds do not do this by default."""
-    from petsc4py import PETSc
-
-    if not (_state["finished"] or _state["flagged"]) or PETSc.Sys.isFinalized():
-        return
-    options = PETSc.Options()
-    if options.hasName("options_left") or not unused_petsc_options():
-        return  # the user's own -options_left decides, or nothing to report
-    options.setValue("options_left", "1")
+    petsc_options.report_unused_at_exit()
 
 
 def world():
@@ -249,7 +145,7 @@ def main_guard(main) -> None:
     try:
         comm = world()
         main()
-        _state["finished"] = True
+        petsc_options.run_finished()
     except SystemExit:
         raise
     except BaseException as e:
@@ -276,16 +172,19 @@ def main_guard(main) -> None:
         raise SystemExit(code)
 
 
-def check_inputs(args, comm):
+def check_inputs(args, comm, check=None):
     """(model, dataset, θ) of the common flags, every check that needs no TensorFlow done.
 
     Checks, in this order: --micro-batch, --model/--layer, the data files, --n-samples,
     --weights (length, key, finite), --nev and --batch-sizes where the script has them
-    (1 ≤ nev < the operator's size; sizes within the samples), and on rank 0 the output
+    (1 ≤ nev < the operator's size; sizes within the samples), on rank 0 the output
     file (--out writable; not there unless --overwrite, or --resume where the script has
-    it). The ranks agree on the outcome before returning (one `all_ranks` round): a bad
-    input raises the same HessmpiError on every rank in about a second, and no rank goes
-    on into a collective set-up. Call on every rank.
+    it), then check(n_samples) if given (the script's own checks that need the number of
+    samples the run uses; they raise HessmpiError), and on rank 0 the folder of
+    --checkpoint where the script has it (exists or can be made, writable). The ranks
+    agree on the outcome before returning (one `all_ranks` round): a bad input raises the
+    same HessmpiError on every rank in about a second, and no rank goes on into a
+    collective set-up. Call on every rank.
     """
     from . import data, results
     from .models import get_model
@@ -307,28 +206,34 @@ def check_inputs(args, comm):
         nev = getattr(args, "nev", None)
         if nev is not None and not 1 <= nev < size:
             raise HessmpiError(f"--nev must be between 1 and {size - 1}, got {nev}")
+        n_samples = args.n_samples or dataset.n_train
         if getattr(args, "batch_sizes", None) is not None:
             from .rank import parse_batch_sizes
 
-            parse_batch_sizes(args.batch_sizes, args.n_samples or dataset.n_train)
+            parse_batch_sizes(args.batch_sizes, n_samples)
         if getattr(args, "writes_results", False) and comm.Get_rank() == 0:
             resume = getattr(args, "resume", None)
             if resume is False and os.path.exists(args.out) and not args.overwrite:
                 raise HessmpiError(f"{args.out} exists: pass --resume to continue the run it holds, "
                                    "--overwrite to start over, or choose another --out")
             results.check_output(args.out, args.overwrite or bool(resume))
+        if check is not None:
+            check(n_samples)
+        if getattr(args, "checkpoint", None) and comm.Get_rank() == 0:
+            results.check_output(args.checkpoint, overwrite=True)  # its folder exists and is writable
     return model, dataset, theta
 
 
-def problem_from_args(args, comm):
+def problem_from_args(args, comm, check=None):
     """The Problem and starting θ that the common flags describe, validated; call inside
     all_ranks, on every rank. The inputs are checked first (`check_inputs`, about a
-    second); TensorFlow starts only once they are all good."""
+    second, with the script's own check(n_samples) if given); TensorFlow starts only once
+    they are all good."""
     import numpy as np
 
     from . import runtime
 
-    model, dataset, theta = check_inputs(args, comm)
+    model, dataset, theta = check_inputs(args, comm, check)
     runtime.configure_threads(runtime.default_threads(comm))
     from .problem import Problem
 

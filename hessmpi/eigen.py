@@ -3,10 +3,16 @@
 A single-vector Krylov method sees one direction of each eigenspace from its start
 vector, so it can silently return fewer copies of a repeated eigenvalue than there
 are (the softmax Hessian at W = 0 has every nonzero eigenvalue 9 times). We solve in
-*passes*: pass p deflates every pair found so far (EPSSetDeflationSpace) and starts
-from a fresh random vector; the pairs it finds are merged with the earlier ones and
-the best `nev` kept. The solve stops when a pass finds nothing better than the
-`nev`-th value already held, which is the post-check that no copy is missing.
+*passes*, all alike: a pass deflates every pair converged so far
+(EPSSetDeflationSpace), starts from a fresh random vector and converges pairs at full
+tolerance; its pairs join the held ones and the best `nev` are the result. A pass
+after the first stops early once nothing better is in sight: its best Ritz value not
+yet converged, widened by its residual (|λ − θ| ≤ ‖r‖), cannot beat the nev-th best
+pair held. The solve ends after a pass that found nothing better than the nev-th
+value held before it, which is the post-check that no copy is missing; the first
+check asks for one pair, a pass that found k missing pairs is followed by one asking
+for 2k. No product is thrown away: whatever a pass converges is kept.
+
 SLEPc's default convergence test is relative to |λ|, which a zero eigenvalue never
 passes, and zero eigenvalues are the rule in a Hessian: the smallest ones, and the
 largest ones too once nev exceeds the rank or the matrix is negative semi-definite.
@@ -14,10 +20,12 @@ So the test is absolute, ‖Hx − λx‖ ≤ tol·‖H‖₂ (SLEPc's EPS_CONV_
 estimated first by a loose largest-magnitude solve (13–16 products for the CNN).
 For `which="largest"` that estimate is skipped (bench/eigen_cost.py): the first pass
 uses SLEPc's relative test ‖Hx − λx‖ ≤ tol·|λ|, which implies the absolute one
-(|λ| ≤ ‖H‖₂) and is what users check; a guard stops it when the wanted pairs still
+(|λ| ≤ ‖H‖₂) and is what users check; it also stops when the wanted pairs still
 unconverged are zero eigenvalues (converged in the absolute sense, never relatively),
-and the later passes use the absolute test scaled by |λ₁| held. Options are read with
-a prefix (`-hess_eps_type lanczos -hess_eps_tol 1e-10`).
+and the later passes use the absolute test scaled by |λ₁| held. The residuals returned
+are the true ‖Hx − λx‖, one product per returned pair at the end (the held pairs
+carry SLEPc's estimates until then). Options are read with a prefix
+(`-hess_eps_type lanczos -hess_eps_tol 1e-10`).
 A long solve can be continued in a new process: `solve` reports a `Progress` after
 every pass and accepts one back (the spectrum script checkpoints them to a file).
 """
@@ -61,9 +69,11 @@ class EigenResult:
 class Progress:
     """Where a solve stands after a pass; passed back to `solve` as `resume`, it continues it.
 
-    values/vectors/residuals are the pairs held (best first, at most nev; vectors are
-    PETSc Vecs laid out like the matrix), passes the passes done, next_want the pairs
-    the next pass asks for (0: the solve has finished). The counters cover every pass.
+    values/vectors/residuals are the pairs held (best first: every pair converged so
+    far, which the next pass deflates, so possibly more than nev; vectors are PETSc Vecs
+    laid out like the matrix; residuals SLEPc's estimates), passes the passes done,
+    next_want the pairs the next pass asks for (0: the solve has finished). The counters
+    cover every pass.
     """
 
     values: np.ndarray
@@ -118,34 +128,64 @@ def norm_estimate(mat, seed: int = 0, prefix: str = "hess_norm_") -> float:
     return value
 
 
-CHECK_TOL = 1e-3  # relative to the scale: the check pass only compares eigenvalues
+class _Watch:
+    """Monitor and stopping test of one pass. SLEPc calls the monitor after each restart
+    and the stopping test before the next one, so a decision takes effect one restart late.
 
+    It stops the pass (CONVERGED_USER) when
+      "nothing better": the best Ritz value not yet converged, widened by its residual
+        (|λ − θ| ≤ ‖r‖), cannot beat the nev-th best of the pairs held and converged so far:
+        no missing pair is in sight, the pass has done its job as a check;
+      "zeros" (relative test only): every wanted pair not yet converged is a zero eigenvalue,
+        |θ| ≤ √tol·max|θ| with residual ≤ tol·max|θ|, which a relative test never accepts.
+    """
 
-def _zero_guard(eps, want: int, tol: float) -> None:
-    """Stop a relative-test solve once every wanted pair not yet converged is a zero
-    eigenvalue: |θ| ≤ √tol·max|θ| and converged in the absolute sense (residual ≤
-    tol·max|θ|, over all Ritz values θ): those are zero eigenvalues, which a
-    relative test never accepts. The unconverged pairs are left to the next pass."""
-    state = {"stop": False}
+    def __init__(self, eps, want, nev, held_values, key, margin, relative, tol):
+        self.want, self.nev, self.held, self.key = want, nev, held_values, key
+        self.margin, self.relative, self.tol = margin, relative, tol
+        self.stop = None
+        eps.setMonitor(self.monitor)
+        eps.setStoppingTest(self.stopping)
 
-    def monitor(eps, its, nconv, eig, err):
-        k = min(want, len(eig))
-        top = max((abs(e.real) for e in eig), default=0.0)  # every Ritz value: the wanted may all be 0
-        state["stop"] = nconv < k and top > 0 and all(
-            err[i] * abs(eig[i].real) <= tol * top and abs(eig[i].real) <= np.sqrt(tol) * top
-            for i in range(nconv, k))
+    def monitor(self, eps, its, nconv, eig, err):
+        theta = [e.real for e in eig]
+        res = [err[i] * abs(theta[i]) if self.relative else err[i] for i in range(len(theta))]
+        if nconv < len(theta):
+            values = sorted(self.held + theta[:nconv], key=self.key)
+            if (len(values) >= self.nev and
+                    self.key(theta[nconv]) - res[nconv] >= self.key(values[self.nev - 1]) - self.margin):
+                self.stop = "nothing better"
+        if self.relative:
+            k = min(self.want, len(theta))
+            top = max((abs(t) for t in theta), default=0.0)  # every Ritz value: the wanted may all be 0
+            if nconv < k and top > 0 and all(res[i] <= self.tol * top and abs(theta[i]) <= np.sqrt(self.tol) * top
+                                             for i in range(nconv, k)):
+                self.stop = "zeros"
 
-    def stopping(eps, its, max_it, nconv, nev):
+    def stopping(self, eps, its, max_it, nconv, nev):
         if nconv >= nev:
             return SLEPc.EPS.ConvergedReason.CONVERGED_TOL
         if its >= max_it:
             return SLEPc.EPS.ConvergedReason.DIVERGED_ITS
-        if state["stop"]:
+        if self.stop:
             return SLEPc.EPS.ConvergedReason.CONVERGED_USER
         return SLEPc.EPS.ConvergedReason.ITERATING
 
-    eps.setMonitor(monitor)
-    eps.setStoppingTest(stopping)
+
+# Krylov-Schur's basis in the passes after the first: want + this (SLEPc's default is
+# max(2·want, want + 15)). A small basis restarts often, and the stopping test of a
+# check pass only sees the Ritz values at restarts.
+LATER_NCV_EXTRA = 7
+
+
+def _residual(mat, lam: float, v) -> float:
+    """‖Hv − λv‖ (one product)."""
+    hv = mat.createVecLeft()
+    mat.mult(v, hv)
+    hv.axpy(-lam, v)
+    r = hv.norm()
+    hv.destroy()
+    return r
 
 
 def _scale(result, held, mat, seed, log) -> float:
@@ -173,7 +213,8 @@ def solve(mat: PETSc.Mat, nev: int, which: str = "largest", tol: float = 1e-8,
     defaults set here. `matvec_counter()` returns the operator's product count so that
     the result can report what the solve cost. log(str) receives one line per pass.
     With max_passes=1 the check pass is skipped; otherwise a solve whose last allowed
-    pass still found missing copies raises HessmpiError.
+    pass still found missing copies raises HessmpiError. The residuals returned are the
+    true ‖Hx − λx‖ (one product per pair, counted).
 
     Restart: on_pass(Progress) is called on every rank after each pass (a collective
     point); given back as `resume` with the same arguments, in a new process too, that
@@ -190,9 +231,9 @@ def solve(mat: PETSc.Mat, nev: int, which: str = "largest", tol: float = 1e-8,
     count = matvec_counter or (lambda: 0)
     start_matvecs, t0 = count(), time.perf_counter()
     result = EigenResult(np.empty(0), [], np.empty(0))
-    held: list  # (value, Vec, residual), best first
+    held: list  # (value, Vec, residual), best first: every pair converged so far
     if resume is not None:
-        _check_resume(resume, mat, nev)
+        _check_resume(resume, mat)
         held = list(zip(np.asarray(resume.values).tolist(), resume.vectors, np.asarray(resume.residuals).tolist()))
         p, want = resume.passes, resume.next_want
         result.iterations, result.passes = resume.iterations, resume.passes
@@ -218,15 +259,14 @@ def solve(mat: PETSc.Mat, nev: int, which: str = "largest", tol: float = 1e-8,
         if relative:
             eps = _new_eps(mat, which, want, tol, max_it, prefix)
             eps.setConvergenceTest(SLEPc.EPS.Conv.REL)
-            _zero_guard(eps, want, tol)
         else:
-            # A check pass (all nev held, none missing so far) only has to show that nothing is
-            # better than the nev-th value: a loose tolerance does; if it finds a better pair,
-            # that pair is dropped and the next pass looks for it at full tolerance.
-            check = len(held) >= nev and p == 1
-            pass_tol = max(tol, CHECK_TOL) if check else tol
-            eps = _new_eps(mat, which, want, pass_tol * _scale(result, held, mat, seed, log), max_it, prefix)
+            eps = _new_eps(mat, which, want, tol * _scale(result, held, mat, seed, log), max_it, prefix)
             eps.setConvergenceTest(SLEPc.EPS.Conv.ABS)
+            eps.setDimensions(want, min(want + LATER_NCV_EXTRA, n - len(held)))
+        scale = max([abs(t[0]) for t in held] + [x for x in [result.norm_estimate] if np.isfinite(x)],
+                    default=0.0) or 1.0
+        margin = 10 * tol * scale  # a pair beats another only by more than this
+        watch = _Watch(eps, want, nev, [t[0] for t in held], key, margin, relative, tol)
         if held:
             eps.setDeflationSpace([v for _, v, _ in held])
         eps.setInitialSpace([_random_vec(mat, seed * 7919 + p)])
@@ -234,47 +274,43 @@ def solve(mat: PETSc.Mat, nev: int, which: str = "largest", tol: float = 1e-8,
         eps.solve()
         result.solver = eps.getType()
         result.iterations += eps.getIterationNumber()
+        stopped = watch.stop if eps.getConvergedReason() == SLEPc.EPS.ConvergedReason.CONVERGED_USER else None
         found = []
         for i in range(eps.getConverged()):
             v = mat.createVecRight()
             lam = eps.getEigenpair(i, v).real
-            found.append((lam, v, eps.computeError(i, SLEPc.EPS.ErrorType.ABSOLUTE)))
+            estimate = eps.getErrorEstimate(i)  # SLEPc's, relative to |λ| under the relative test
+            found.append((lam, v, estimate * abs(lam) if relative else estimate))
         eps.destroy()
-        threshold = held[-1][0] if len(held) >= nev else None
-        scale = max([abs(t[0]) for t in held + found] + [x for x in [result.norm_estimate] if np.isfinite(x)],
-                    default=0.0) or 1.0
-        if not relative and check:
-            # |λ − θ| ≤ ‖r‖: a loose pair may hide a better eigenvalue only within its residual
-            gained = sum(key(lam) - r < key(threshold) - 10 * tol * scale for lam, _, r in found)
-            if gained:
-                found = []
-        else:
-            gained = sum(key(lam) < key(threshold) - 10 * tol * scale
-                         for lam, _, _ in found) if threshold is not None else len(found)
-        merged = sorted(held + found, key=lambda t: key(t[0]))[:nev]
+        threshold = held[nev - 1][0] if len(held) >= nev else None  # the nev-th value before this pass
+        gained = (sum(key(lam) < key(threshold) - margin for lam, _, _ in found) if threshold is not None
+                  else len(found))
+        held = sorted(held + found, key=lambda t: key(t[0]))
         line = (f"pass {p + 1}: {len(found)} new pairs, best {found[0][0]:.10g}" if found
                 else f"pass {p + 1}: no new pair converged")
+        if stopped == "nothing better":
+            line += ", then nothing better in sight"
         result.pass_log.append(line)
         if log:
             log(line + f" ({earlier_matvecs + count() - start_matvecs} matvecs so far)")
-        held = merged
         p += 1
         result.passes = p
-        if relative and not found and max_passes > 1:
-            want = nev  # all wanted pairs are zeros: the absolute passes find them
-        elif gained and not found:
-            want = 2 * gained  # the loose check pass saw better pairs: find them at full tolerance
-        elif not found or gained == 0 or max_passes == 1:
+        if max_passes == 1:
             want = 0
-        elif len(held) < nev:  # pairs the pass did not converge (zero eigenvalues after a relative pass)
-            want = nev - len(held)
+        elif relative and (not found or stopped == "zeros"):
+            want = nev  # the wanted pairs left are zeros: the absolute passes find them
+        elif not found or gained == 0:
+            want = 0  # nothing beats the nev-th pair held before this pass: no copy is missing
         else:
-            want = 1 if p == 1 else min(nev, 2 * gained)
+            # this pass found missing pairs, there may be more: after the first pass a check
+            # for one (it stops early when nothing better is in sight), then twice what was found
+            want = max(nev - len(held), 1 if p == 1 else min(nev, 2 * gained))
         if on_pass is not None:
             on_pass(Progress(np.array([t[0] for t in held]), [t[1] for t in held],
                              np.array([t[2] for t in held]), p, want, result.iterations,
                              earlier_matvecs + count() - start_matvecs, result.norm_estimate,
                              list(result.pass_log), result.solver))
+    held = [(lam, v, _residual(mat, lam, v)) for lam, v, _ in held[:nev]]  # the true ones: one product each
     for _, v, _ in held:  # a deterministic sign: the largest-magnitude entry positive
         arr = v.getArray(readonly=True)
         local = (abs(arr).max(), arr[abs(arr).argmax()]) if arr.size else (-1.0, 0.0)
@@ -290,11 +326,11 @@ def solve(mat: PETSc.Mat, nev: int, which: str = "largest", tol: float = 1e-8,
     return result
 
 
-def _check_resume(resume: Progress, mat, nev: int) -> None:
+def _check_resume(resume: Progress, mat) -> None:
     k = len(resume.values)
-    if not (len(resume.vectors) == len(resume.residuals) == k <= nev):
+    if not len(resume.vectors) == len(resume.residuals) == k:
         raise HessmpiError(f"cannot resume: the saved progress holds {k} values, {len(resume.vectors)} "
-                           f"vectors and {len(resume.residuals)} residuals for nev={nev}")
+                           f"vectors and {len(resume.residuals)} residuals")
     n = mat.getSize()[0]
     for v in resume.vectors:
         if v.getSize() != n:

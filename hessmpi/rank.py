@@ -19,14 +19,18 @@ Dense route (exact, every eigenvalue from LAPACK):
 - any model with at most DENSE_LIMIT parameters: H·eⱼ for every unit vector.
 
 Matrix-free route (`matrix_free`): an adaptive randomized range finder (Halko,
-Martinsson & Tropp 2011, Alg. 4.2) on the distributed operator: blocks of Gaussian
-probes ω, the projected products (I − QQᵀ)Hω made orthonormal in a SLEPc BV (TSQR
-block orthogonalization, rank-revealing by an SVD of the block's R factor), new
-directions kept while their singular value exceeds δ, until a whole block of fresh
-probes adds none; then Rayleigh–Ritz, the eigenvalues of QᵀHQ. A block of probes
-sees every copy of a repeated eigenvalue (one Krylov vector sees one). Cost: about
-2·rank HVPs, plus the probes of the last partly used block, a check block of 16 and
-a SLEPc norm estimate.
+Martinsson & Tropp 2011, Alg. 4.2) grown as a block Krylov space with full
+reorthogonalization. Each step multiplies by H, in one block (one gather and one
+reduce-scatter for the whole block), the directions the previous step added to the
+basis Q together with fresh Gaussian probes; the products of the directions give
+their columns of QᵀHQ, and all the products, projected out of Q (block CGS2 in a SLEPc
+BV, TSQR, rank-revealing by an SVD of the block's R factor), give the next directions,
+kept while their singular value exceeds δ. The basis is complete when a step with a
+whole block of fresh probes adds none; then Rayleigh–Ritz, the eigenvalues of QᵀHQ,
+needs no further product. Fresh probes see every copy of a repeated eigenvalue (one
+Krylov vector sees one). Cost: about rank + 300 HVPs (each direction is multiplied
+once; the probes that widen the blocks to a quarter of the basis, at most 256, and the
+final block of 16), and a SLEPc norm estimate.
 
 Accuracy. δ = max(tol/16, 8·√n·ε)·‖H‖, the second term keeping δ above the rounding
 noise of a product with a Gaussian probe (about 2·√n·ε·‖H‖ measured). When 16 fresh
@@ -454,22 +458,83 @@ def probe(seed: int, stream: int, j: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, stream, j]).standard_normal(n)
 
 
+def _columns_to_array(bv, start: int, stop: int) -> np.ndarray:
+    """This rank's rows of columns start:stop of a BV, as an (n_local, stop − start) array."""
+    bv.setActiveColumns(start, stop)
+    m = bv.getMat()
+    out = np.array(m.getDenseArray(), order="C")
+    bv.restoreMat(m)
+    return out
+
+
+def _array_to_columns(bv, array: np.ndarray) -> None:
+    """Columns 0:b of bv ← array (n_local × b); leaves them active."""
+    bv.setActiveColumns(0, array.shape[1])
+    m = bv.getMat()
+    m.getDenseArray()[:, :] = array
+    bv.restoreMat(m)
+
+
+def column_products(mat):
+    """A mult_block for any PETSc matrix: the block's columns one at a time through mat.mult."""
+    x, y = mat.createVecs()
+
+    def mult_block(xs: np.ndarray) -> np.ndarray:
+        out = np.empty_like(xs)
+        for j in range(xs.shape[1]):
+            x.getArray()[:] = xs[:, j]
+            mat.mult(x, y)
+            out[:, j] = y.getArray(readonly=True)
+        return out
+    return mult_block
+
+
+class _Gram:
+    """QᵀHQ on rank 0, grown a block of columns at a time (capacity doubled as needed)."""
+
+    def __init__(self, root: bool):
+        self.root, self.k, self.a = root, 0, np.zeros((0, 0))
+
+    def add_columns(self, m, k: int, new: int) -> None:
+        """Columns (and, by symmetry, rows) k − new … k − 1 from m = Q[:, :k]ᵀ·H·Q[:, k − new:k]."""
+        if self.root:
+            if k > self.a.shape[0]:
+                grown = np.zeros((max(k, 2 * self.a.shape[0]),) * 2)
+                grown[:self.k, :self.k] = self.a[:self.k, :self.k]
+                self.a = grown
+            self.a[:k, k - new:k] = m.getDenseArray()
+            self.a[k - new:k, :k] = self.a[:k, k - new:k].T
+            self.k = k
+
+    def eigenvalues(self) -> np.ndarray:
+        a = self.a[:self.k, :self.k]
+        return np.linalg.eigvalsh(0.5 * (a + a.T))
+
+
 def matrix_free(mat, tol: float, max_rank: int, seed: int = 0, stream: int = 0, counter=None,
                 norm: float | None = None, eps: float = np.finfo(np.float64).eps,
-                min_block: int = 16, max_block: int = 256, log=None) -> Spectrum:
-    """Eigenvalues of the symmetric PETSc matrix `mat` on its numerical range, by an
-    adaptive randomized range finder and Rayleigh–Ritz (module docstring). Collective.
+                min_block: int = 16, max_block: int = 256, mult_block=None, log=None) -> Spectrum:
+    """Eigenvalues of the symmetric PETSc matrix `mat` on its numerical range, by a block
+    Krylov range finder with full reorthogonalization and Rayleigh–Ritz (module
+    docstring). Collective.
 
-    The basis grows by blocks of probes (a quarter of the basis size, between min_block
-    and max_block; min_block again after a block that was not wholly accepted) until a
-    block adds no direction above δ = max(tol/16, 8·√n·eps)·‖H‖, eps the unit roundoff
-    of the products. If the basis would exceed max_rank columns the result is a lower
+    Each step multiplies, in one block, the directions the step before added to the basis
+    Q and fresh Gaussian probes: up to the step's size (a quarter of the basis, between
+    min_block and max_block), or min_block of them after a step that added fewer
+    directions than it multiplied. The products of the directions are the new columns of QᵀHQ;
+    all the products, projected against Q, are the candidates for the next directions,
+    kept while their singular value exceeds δ = max(tol/16, 8·√n·eps)·‖H‖ (eps the unit
+    roundoff of the products). It stops when a step with at least min_block fresh probes
+    adds no direction. If the basis would exceed max_rank columns the result is a lower
     bound (rank ≥ max_rank, no eigenvalues). norm is ‖H‖₂ (estimated with SLEPc if not
-    given). counter() returns the operator's HVP count; log(str) gets a line per block."""
+    given). mult_block(X) returns this rank's rows of H·X for this rank's rows of a block
+    X (n_local × b; default `column_products(mat)`); counter() returns the operator's HVP
+    count; log(str) gets a line per step."""
     from . import eigen
 
     comm = mat.getComm().tompi4py()
     counter = counter or (lambda: 0)
+    mult_block = mult_block or column_products(mat)
     start, t0 = counter(), time.perf_counter()
     n = mat.getSize()[0]
     max_rank = max(1, min(max_rank, n))
@@ -480,20 +545,34 @@ def matrix_free(mat, tol: float, max_rank: int, seed: int = 0, stream: int = 0, 
     template = mat.createVecRight()
     lo, hi = template.getOwnershipRange()
     q = _new_bv(template, min(max_rank, 2 * max_block), "rank_")
-    w = _new_bv(template, max_block, "rank_")
-    x = mat.createVecRight()
-    k = drawn = blocks = 0
-    lower_bound, saturating = False, False
+    w = _new_bv(template, max_block + min_block, "rank_")
+    gram = _Gram(comm.Get_rank() == 0)
+    k = pending = drawn = steps = 0  # basis size; its last `pending` columns await their products
+    lower_bound = saturating = False
     while True:
-        b = min_block if saturating else min(max(min_block, k // 4), max_block)
+        if k == n:
+            fresh = 0
+        elif saturating:  # the last step added fewer directions than it multiplied: check
+            fresh = max(0, min(min_block, max_block + min_block - pending))
+        else:
+            fresh = max(0, min(max(min_block, k // 4), max_block) - pending)
+        block = np.empty((hi - lo, pending + fresh))
+        block[:, :pending] = _columns_to_array(q, k - pending, k)
+        for j in range(fresh):
+            block[:, pending + j] = probe(seed, stream, drawn + j, n)[lo:hi]
+        drawn += fresh
+        steps += 1
+        b = pending + fresh
+        _array_to_columns(w, mult_block(block))
+        if pending:
+            w.setActiveColumns(0, pending)
+            q.setActiveColumns(0, k)
+            m = w.dot(q)  # Q[:, :k]ᵀ·H·Q[:, k − pending:k]
+            gram.add_columns(m, k, pending)
+            m.destroy()
+        if k == n:
+            break
         w.setActiveColumns(0, b)
-        for j in range(b):
-            x.getArray()[:] = probe(seed, stream, drawn + j, n)[lo:hi]
-            y = w.getColumn(j)
-            mat.mult(x, y)
-            w.restoreColumn(j, y)
-        drawn += b
-        blocks += 1
         _project_out(w, q, k)
         w.setActiveColumns(0, b)
         u, s, _ = np.linalg.svd(_orthonormalize(w, b))
@@ -501,59 +580,39 @@ def matrix_free(mat, tol: float, max_rank: int, seed: int = 0, stream: int = 0, 
         if k + new > max_rank:
             new, lower_bound = max_rank - k, True
         if log:
-            log(f"block {blocks}: {b} probes, {new} new directions (largest residual {s[0] / norm:.1e}·‖H‖), "
-                f"basis {k + new}, {counter() - start} HVPs")
-        if new == 0:
+            log(f"step {steps}: {pending} basis directions and {fresh} probes multiplied, {new} new directions "
+                f"(largest residual {s[0] / norm:.1e}·‖H‖), basis {k + new}, {counter() - start} HVPs")
+        if new == 0 and fresh >= min_block:
             break
-        saturating = new < b
-        # The new directions W·U[:, :new], made orthogonal to Q again: normalising a small
-        # residual magnifies what is left of Q in it.
-        w.multInPlace(_dense_seq(b, b, u), 0, new)
-        w.setActiveColumns(0, new)
-        _project_out(w, q, k)
-        w.setActiveColumns(0, new)
-        _orthonormalize(w, new)
-        if k + new > q.getSizes()[1]:
-            q.resize(min(max_rank, max(2 * q.getSizes()[1], k + new)), copy=True)
-        for j in range(new):
-            col = w.getColumn(j)
-            q.insertVec(k + j, col)
-            w.restoreColumn(j, col)
+        if new:
+            # The new directions W·U[:, :new], made orthogonal to Q again: normalising a
+            # small residual magnifies what is left of Q in it.
+            w.multInPlace(_dense_seq(b, b, u), 0, new)
+            w.setActiveColumns(0, new)
+            _project_out(w, q, k)
+            w.setActiveColumns(0, new)
+            _orthonormalize(w, new)
+            if k + new > q.getSizes()[1]:
+                q.resize(min(max_rank, max(2 * q.getSizes()[1], k + new)), copy=True)
+            for j in range(new):
+                col = w.getColumn(j)
+                q.insertVec(k + j, col)
+                w.restoreColumn(j, col)
         k += new
-        if lower_bound or k == n:
+        pending, saturating = new, new < b
+        if lower_bound:
             break
     values = np.zeros(0)
     if not lower_bound and k:
-        values = _rayleigh_ritz(mat, q, w, k, max_block, comm)
-    for obj in (q, w, x, template):
+        values = _root_then_bcast(comm, gram.eigenvalues)
+    for obj in (q, w, template):
         obj.destroy()
-    spectrum = _finish("matrix-free", n, tol, values, start, counter(), t0, subspace_dim=k, blocks=blocks,
+    spectrum = _finish("matrix-free", n, tol, values, start, counter(), t0, subspace_dim=k, blocks=steps,
                        lower_bound=lower_bound,
                        extra={"norm_estimate": norm, "delta": delta, "band": 8 * delta / norm})
     if lower_bound:
         spectrum.rank = k
     return spectrum
-
-
-def _rayleigh_ritz(mat, q, z, k: int, block: int, comm) -> np.ndarray:
-    """Eigenvalues of QᵀHQ for the k orthonormal columns of Q (k HVPs; z is a work BV)."""
-    root = comm.Get_rank() == 0
-    b_mat = np.empty((k, k)) if root else None
-    for s in range(0, k, block):
-        e = min(k, s + block)
-        z.setActiveColumns(0, block)
-        for j in range(s, e):
-            qj, zj = q.getColumn(j), z.getColumn(j - s)
-            mat.mult(qj, zj)
-            z.restoreColumn(j - s, zj)
-            q.restoreColumn(j, qj)
-        z.setActiveColumns(0, e - s)
-        q.setActiveColumns(0, k)
-        m = z.dot(q)  # Qᵀ(HQ[:, s:e])
-        if root:
-            b_mat[:, s:e] = m.getDenseArray()
-        m.destroy()
-    return _root_then_bcast(comm, lambda: np.linalg.eigvalsh(0.5 * (b_mat + b_mat.T)))
 
 
 # ---------------------------------------------------------------- one batch, both routes
@@ -588,10 +647,18 @@ def analyse(batch: Batch, methods, tol: dict, regularization: str = "none", gamm
         if regularization != "none":
             rmat = regularize.petsc_matrix(regularization, model, op.lo, op.hi, op.comm)
             mat = regularized_matrix(hmat, rmat, gamma)
+        if rmat is None:
+            mult_block = op.apply_block
+        else:
+            regularizer = column_products(rmat)
+
+            def mult_block(xs):
+                return op.apply_block(xs) + gamma * regularizer(xs)
         try:
             out["matrix-free"] = matrix_free(mat, tol["matrix-free"], max_rank or op.n, seed=seed,
                                              stream=batch.n_samples, counter=lambda: op.n_matvecs,
-                                             eps=float(np.finfo(np.dtype(dtype)).eps), log=log)
+                                             eps=float(np.finfo(np.dtype(dtype)).eps), mult_block=mult_block,
+                                             log=log)
         finally:
             for m in (mat, hmat, rmat):
                 if m is not None:

@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from hessmpi import cli
+from hessmpi import cli, petsc_options
 
 MOMENTS = 4
 
@@ -137,12 +137,12 @@ def main():
     with cli.all_ranks(comm):
         args = parse(ours)
         cli.init_petsc(petsc_args)
-        cli.check_petsc_options(bv=("density_", "trace_"))  # a misspelt option fails now, not after the solve
-        from hessmpi import results
+        petsc_options.check_petsc_options(bv=("density_", "trace_"))  # a misspelt option fails now
+        if args.source:  # without --from, problem_from_args checks --out
+            from hessmpi import results
 
-        if comm.Get_rank() == 0:
-            results.check_output(args.out, args.overwrite)
-        if args.source:
+            if comm.Get_rank() == 0:
+                results.check_output(args.out, args.overwrite)
             if os.path.abspath(args.source) == os.path.abspath(args.out):
                 raise cli.HessmpiError("--from and --out name the same file; choose another --out")
         else:

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 
-from hessmpi import cli
+from hessmpi import cli, petsc_options
 from hessmpi.errors import NumericalError
 
 METHODS = ("newton", "lrsfn", "sgd", "adam", "rmsprop")
@@ -175,8 +175,8 @@ def main():
     with cli.all_ranks(comm):
         args = parse(ours)
         cli.init_petsc(petsc_args)
-        cli.check_petsc_options(ksp="newton_", eps=("lrsfn_", "hess_norm_"))  # a misspelt option fails now
-        from hessmpi import results, training
+        petsc_options.check_petsc_options(ksp="newton_", eps=("lrsfn_", "hess_norm_"))  # a misspelt option fails now
+        from hessmpi import training
 
         problem, theta = cli.problem_from_args(args, comm)
         cost = training.Cost()
@@ -190,11 +190,6 @@ def main():
             theta, history, state, _ = training.load_checkpoint(args.out, config, comm)
             method.restore(state)
             cost.restore(history)
-        elif comm.Get_rank() == 0:
-            if os.path.exists(args.out) and not args.overwrite:
-                raise cli.HessmpiError(f"{args.out} exists: pass --resume to continue the run it holds, "
-                                       "--overwrite to start over, or choose another --out")
-            results.check_output(args.out, args.overwrite or args.resume)
     from hessmpi import results, training, training_plots
 
     if args.method == "newton" and not args.hessian_batch:  # long solves report their progress

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from hessmpi import cli
+from hessmpi import cli, petsc_options
 
 
 def build_parser():
@@ -138,13 +138,9 @@ def main():
 
         rank.parse_batch_sizes(args.batch_sizes, None)  # a malformed list fails before the slow set-up
         cli.init_petsc(petsc_args)
-        cli.check_petsc_options(bv="rank_", eps="hess_norm_")  # a misspelt option fails now, not after the solve
-        from hessmpi import results
-
+        petsc_options.check_petsc_options(bv="rank_", eps="hess_norm_")  # a misspelt option fails now
         problem, theta = cli.problem_from_args(args, comm)
         sizes, methods, tols, max_rank = validate(args, problem)
-        if comm.Get_rank() == 0:
-            results.check_output(args.out, args.overwrite)
     import time
 
     from hessmpi import data, rank, rank_plots, results

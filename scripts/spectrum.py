@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-from hessmpi import cli
+from hessmpi import cli, petsc_options
 
 
 def main():
@@ -49,23 +49,19 @@ def main():
                                  f"(default {ERROR_GROUPS}, or --n-samples if fewer; 0: none)")
         args = parser.parse_args(ours)
         cli.init_petsc(petsc_args)
-        cli.check_petsc_options(eps=("hess_", "hess_norm_"))  # a misspelt option fails now, not after the solve
+        petsc_options.check_petsc_options(eps=("hess_", "hess_norm_"))  # a misspelt option fails now
         if args.max_passes < 1:
             raise cli.HessmpiError(f"--max-passes must be at least 1, got {args.max_passes}")
-        from hessmpi import results
-
-        problem, theta = cli.problem_from_args(args, comm)  # checks --nev against the operator's size
+        # checks --nev against the operator's size, --error-groups, --out and --checkpoint's folder
+        problem, theta = cli.problem_from_args(args, comm, check=lambda n: error_groups(args.error_groups, n))
         groups = error_groups(args.error_groups, problem.n_samples)
         tol = args.tol or (1e-8 if args.dtype == "float64" else 1e-5)
         identity = {"model": args.model, "dataset": args.dataset, "n_samples": problem.n_samples,
                     "dtype": args.dtype, "seed": args.seed, "which": args.which, "nev": args.nev, "tol": tol,
                     "operator": problem.operator_kind, "layer": problem.layer or ""}
         saved = None
-        if comm.Get_rank() == 0:
-            results.check_output(args.out, args.overwrite)
-            if args.checkpoint:
-                results.check_output(args.checkpoint, overwrite=True)  # its folder exists and is writable
-                saved = load_checkpoint(args.checkpoint, identity, theta)
+        if comm.Get_rank() == 0 and args.checkpoint:
+            saved = load_checkpoint(args.checkpoint, identity, theta)
     saved = comm.bcast(saved)
     from hessmpi import eigen, plots, uncertainty
     from hessmpi.petsc import shell_matrix, vec_from_full, vec_to_full

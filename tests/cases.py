@@ -1,5 +1,6 @@
 """The cases of the model, operator and eigen tests, as dicts fed through fixtures,
-and the few builders that turn a case into a model, data, a point θ and a dense Hessian.
+the few builders that turn a case into a model, data, a point θ and a dense Hessian,
+and the fixtures that several test modules share (imported by name where used).
 
 Sample counts include 7 and 11 (divisible by neither 2 nor 3) and 1 and 2 (fewer
 samples than ranks), so that the same cases exercise uneven and empty shards at
@@ -9,6 +10,7 @@ every rank count the suite runs with (1, 2, 3).
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 # ---------------------------------------------------------------- tiny models
 
@@ -167,3 +169,30 @@ def sum_of_terms_operator(weights, vectors, comm):
 def rel_error(a, b) -> float:
     """‖a − b‖ / ‖b‖ (Frobenius for matrices)."""
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(b))
+
+
+# ---------------------------------------------------------------- shared fixtures
+
+
+@pytest.fixture(scope="module")
+def degenerate():
+    """DEGENERATE_CASE made concrete: H = Σ_k d_k q_k q_kᵀ with d = 5 (five times), 3 (three
+    times), then distinct values, as a distributed operator over COMM_WORLD and its shell
+    matrix (destroyed at teardown). A test module uses it by importing it:
+    `from cases import degenerate  # noqa: F401`. Yields case, d, Q, H (dense), op, mat."""
+    from types import SimpleNamespace
+
+    from mpi4py import MPI
+
+    from hessmpi import petsc
+
+    case = DEGENERATE_CASE
+    n = case["n"]
+    rng = np.random.default_rng(case["seed"])
+    Q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    clusters = [value for value, copies in case["clusters"] for _ in range(copies)]
+    d = np.concatenate([clusters, np.linspace(*case["rest"], n - len(clusters))])
+    op = sum_of_terms_operator(d, Q, MPI.COMM_WORLD)
+    mat = petsc.shell_matrix(op)
+    yield SimpleNamespace(case=case, d=d, Q=Q, H=Q @ np.diag(d) @ Q.T, op=op, mat=mat)
+    mat.destroy()

@@ -22,7 +22,7 @@ def test_a_petsc_option_that_no_solver_reads_is_named():
     then names what is left: the typo, not the valid options next to it."""
     from petsc4py import PETSc
 
-    from hessmpi import cli
+    from hessmpi import petsc_options
     from hessmpi.errors import HessmpiError
 
     options = PETSc.Options()
@@ -33,15 +33,15 @@ def test_a_petsc_option_that_no_solver_reads_is_named():
         options.setValue(name, value)
     try:
         with pytest.raises(HessmpiError) as info:
-            cli.check_petsc_options(eps="hessmpitest_")
+            petsc_options.check_petsc_options(eps="hessmpitest_")
         message = str(info.value)
         assert "unknown PETSc option" in message and "-hessmpitest_eps_tpye lanczos" in message
         assert "(its options prefixes: -hessmpitest_ (EPS))" in message
         for valid in ("-hessmpitest_eps_type", "-hessmpitest_st_ksp", "-hessmpitest_bv_type",
                       "-hessmpitest_eps_view", "-hessmpitest_ksp_converged_reason"):
             assert valid not in message
-        assert "-hessmpitest_eps_tpye lanczos" in (cli.unused_petsc_options() or [])
+        assert "-hessmpitest_eps_tpye lanczos" in (petsc_options.unused_petsc_options() or [])
     finally:
         for name in given:
             options.delValue(name)
-        cli._state["flagged"] = False
+        petsc_options._state["flagged"] = False

@@ -19,6 +19,7 @@ from hessmpi import curvature, data, eigen, models, operator, petsc  # noqa: E40
 from hessmpi.errors import DataError, HessmpiError  # noqa: E402
 
 import cases  # noqa: E402
+from cases import degenerate  # noqa: E402,F401 (a shared fixture)
 from mpi_util import collective_assert, comm  # noqa: E402
 
 COMM = comm()
@@ -150,24 +151,10 @@ def test_repeated_eigenvalues_of_softmax_at_zero_are_all_returned():
                       f"{expected[-1]:.10g} (error {error:.2e}); passes: {r.pass_log}")
 
 
-@pytest.fixture(scope="module")
-def degenerate():
-    """Σ_k d_k q_k q_kᵀ with d = 5 (five times), 3 (three times), then distinct values."""
-    case = cases.DEGENERATE_CASE
-    n = case["n"]
-    rng = np.random.default_rng(case["seed"])
-    Q = np.linalg.qr(rng.standard_normal((n, n)))[0]
-    clusters = [value for value, copies in case["clusters"] for _ in range(copies)]
-    d = np.concatenate([clusters, np.linspace(*case["rest"], n - len(clusters))])
-    solver = Solver(cases.sum_of_terms_operator(d, Q, COMM))
-    yield case, d, Q, solver
-    solver.destroy()
-
-
 @pytest.mark.parametrize("nev", cases.DEGENERATE_CASE["nevs"])
 def test_known_multiplicities_are_returned(degenerate, nev):
-    case, d, Q, solver = degenerate
-    r = solver.solve(nev, "largest")
+    case, d, Q = degenerate.case, degenerate.d, degenerate.Q
+    r = eigen.solve(degenerate.mat, nev, "largest")
     V = full_vectors(r, case["n"], COMM)
     ok = len(r.values) == nev
     msg = f"nev={nev}: got {r.values}, expected {d[:nev]}"

@@ -10,25 +10,10 @@ petsc4py.init()
 
 from hessmpi import eigen, petsc  # noqa: E402
 
-import cases  # noqa: E402
+from cases import degenerate  # noqa: E402,F401 (a shared fixture: 5 copies of 5, 3 of 3, then distinct values)
 from mpi_util import collective_assert, comm  # noqa: E402
 
 COMM = comm()
-
-
-@pytest.fixture(scope="module")
-def clustered():
-    """The degenerate case (5 copies of 5, 3 of 3, then distinct values): several passes."""
-    case = cases.DEGENERATE_CASE
-    n = case["n"]
-    rng = np.random.default_rng(case["seed"])
-    Q = np.linalg.qr(rng.standard_normal((n, n)))[0]
-    clusters = [value for value, copies in case["clusters"] for _ in range(copies)]
-    d = np.concatenate([clusters, np.linspace(*case["rest"], n - len(clusters))])
-    op = cases.sum_of_terms_operator(d, Q, COMM)
-    mat = petsc.shell_matrix(op)
-    yield op, mat, Q @ np.diag(d) @ Q.T
-    mat.destroy()
 
 
 def saved(progress):
@@ -40,8 +25,8 @@ def saved(progress):
 
 
 @pytest.mark.parametrize("which", ["largest", "smallest"])
-def test_a_resumed_solve_equals_the_uninterrupted_one(clustered, which):
-    op, mat, H = clustered
+def test_a_resumed_solve_equals_the_uninterrupted_one(degenerate, which):
+    op, mat, H = degenerate.op, degenerate.mat, degenerate.H
     nev = 7
     count = lambda: op.n_matvecs  # noqa: E731
     snapshots = []
@@ -67,9 +52,9 @@ def test_a_resumed_solve_equals_the_uninterrupted_one(clustered, which):
     collective_assert(ok, msg)
 
 
-def test_one_pass_skips_the_check(clustered):
-    op, mat, H = clustered
+def test_one_pass_skips_the_check(degenerate):
     """One pass may miss copies of a repeated eigenvalue, but returns true eigenvalues, without raising."""
+    mat, H = degenerate.mat, degenerate.H
     r = eigen.solve(mat, 3, "largest", max_passes=1)
     spectrum = np.linalg.eigvalsh(H)
     distance = np.abs(r.values[:, None] - spectrum[None, :]).min(axis=1).max() if len(r.values) else np.inf

@@ -67,6 +67,18 @@ def test_operator_columns_match_dense_hessian(tiny, hvp_mode):
                       f"(first {bad[:5].tolist()}), {op.n_matvecs} matvecs for {n} columns")
 
 
+def test_block_products_match_dense_hessian(tiny):
+    # A block of 5 vectors in one call: the columns of H·X, counted as 5 products.
+    op = hessian_op(tiny)
+    n = tiny.model.n_params
+    x = random_vectors(n, 5, seed=3).T
+    y = op.apply_block(x[op.lo:op.hi])
+    full = np.concatenate(COMM.allgather(y))
+    error = cases.rel_error(full, tiny.H @ x)
+    collective_assert(y.shape == (op.n_local, 5) and error <= TOL and op.n_matvecs == 5,
+                      f"shape {y.shape}, ‖HX_op − HX‖/‖HX‖ = {error:.2e}, {op.n_matvecs} matvecs")
+
+
 def test_shell_matrix_matches_dense_hessian(tiny):
     op = hessian_op(tiny)
     mat = petsc.shell_matrix(op)

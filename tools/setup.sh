@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 
 VENV=.venv
 STAMP=$VENV/.hessmpi-setup
-APT_PACKAGES=(python3-petsc4py python3-slepc4py python3-mpi4py openmpi-bin python3-venv python3-dev dataset-fashion-mnist)
+# libopenblas0-serial: without it PETSc and SLEPc link Debian's reference BLAS, and their dense
+# kernels (SLEPc's orthogonalization, BV dot products) run many times slower; serial because
+# each MPI rank has its core.
+APT_PACKAGES=(python3-petsc4py python3-slepc4py python3-mpi4py openmpi-bin python3-venv python3-dev dataset-fashion-mnist
+              libopenblas0-serial)
 
 key=$(cat requirements.txt pyproject.toml tools/setup.sh | sha256sum | cut -d' ' -f1)
 if [[ -x $VENV/bin/python && -f $STAMP && $(<"$STAMP") == "$key" ]]; then
