@@ -98,9 +98,9 @@ def test_softmax_rank_at_zero_is_9n_on_real_digits_by_both_routes(n):
     dense, free = spectra["dense"], spectra["matrix-free"]
     collective_assert(dense.hvp_check < 1e-12 and dense.n_hvps == 2,
                       f"assembled H against HVPs: {dense.hvp_check:.1e}, {dense.n_hvps} HVPs")
-    # O(rank) HVPs: each basis direction is multiplied once (its product also gives its
-    # Rayleigh–Ritz column), plus the probes (blocks of 16 while the basis is below 64
-    # columns, the last block among them) and the SLEPc norm estimate.
+    # O(rank) HVPs: at most one product per basis direction (it also gives the direction's
+    # Rayleigh–Ritz column) and per probe (at most 16 per step while the basis is below
+    # 64 columns), plus the SLEPc norm estimate.
     norm_hvps = free.n_hvps - free.rank - 16 * free.blocks
     collective_assert(free.rank <= free.n_hvps and norm_hvps <= 60,
                       f"matrix-free used {free.n_hvps} HVPs in {free.blocks} steps for rank {free.rank}")
