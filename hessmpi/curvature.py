@@ -38,25 +38,10 @@ class LocalCurvature:
             raise HessmpiError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         if hvp_mode not in HVP_MODES:
             raise HessmpiError(f"unknown HVP mode {hvp_mode!r}: choose one of {', '.join(HVP_MODES)}")
-        if micro_batch < 1:
-            raise HessmpiError(f"micro-batch size must be at least 1, got {micro_batch}")
-        s = model.image_size
-        raw = images.dtype == np.uint8
-        if (images.ndim != 4 or images.shape[1:] != (s, s, 1) or len(images) != len(labels)) and not (
-                raw and images.shape[1:] == (s, s) and len(images) == len(labels)):
-            raise HessmpiError(f"{model.name}: expected images (n, {s}, {s}, 1) and n labels, "
-                               f"got {images.shape} and {labels.shape}")
         self.model = model
         self.dtype = tf.as_dtype(dtype)
-        self.n_samples = len(labels)
         self.n_params = model.n_params
-        self.chunk_starts = list(range(0, self.n_samples, micro_batch))
-        # uint8 pixels stay uint8 (a quarter of float32, an eighth of float64) and are scaled
-        # inside the traced functions, so a rank's memory hardly grows with its shard.
-        self.chunks = [(tf.constant(images[i:i + micro_batch].reshape(-1, s, s, 1), tf.uint8) if raw
-                        else tf.constant(images[i:i + micro_batch], self.dtype),
-                        tf.constant(labels[i:i + micro_batch], tf.int64))
-                       for i in self.chunk_starts]
+        self.set_samples(images, labels, micro_batch)
         self.theta = None
         self._kinds = {kind: _functions(model, self.dtype, hvp_mode, kind == tf.uint8)
                        for kind in (tf.uint8, self.dtype)}
@@ -70,18 +55,24 @@ class LocalCurvature:
         self.theta = tf.constant(theta, self.dtype)
 
     def set_samples(self, images: np.ndarray, labels: np.ndarray, micro_batch: int) -> None:
-        """Replace the shard's samples (e.g. by a mini-batch; possibly none) in micro-batches of
-        at most micro_batch. θ stays; the TensorFlow functions take any batch size, so nothing
-        is retraced."""
-        s = self.model.image_size
-        if images.ndim != 4 or images.shape[1:] != (s, s, 1) or len(images) != len(labels):
-            raise HessmpiError(f"{self.model.name}: expected images (n, {s}, {s}, 1) and n labels, "
-                               f"got {images.shape} and {labels.shape}")
+        """Hold these samples (the shard, or e.g. a mini-batch; possibly none) in micro-batches
+        of at most micro_batch: images (n, s, s, 1) in any float dtype, or uint8 pixels
+        (n, s, s) or (n, s, s, 1). θ stays; the TensorFlow functions take any batch size, so
+        nothing is retraced."""
         if micro_batch < 1:
             raise HessmpiError(f"micro-batch size must be at least 1, got {micro_batch}")
+        s = self.model.image_size
+        raw = images.dtype == np.uint8
+        if (images.ndim != 4 or images.shape[1:] != (s, s, 1) or len(images) != len(labels)) and not (
+                raw and images.shape[1:] == (s, s) and len(images) == len(labels)):
+            raise HessmpiError(f"{self.model.name}: expected images (n, {s}, {s}, 1) and n labels, "
+                               f"got {images.shape} and {labels.shape}")
         self.n_samples = len(labels)
         self.chunk_starts = list(range(0, self.n_samples, micro_batch))
-        self.chunks = [(tf.constant(images[i:i + micro_batch], self.dtype),
+        # uint8 pixels stay uint8 (a quarter of float32, an eighth of float64) and are scaled
+        # inside the traced functions, so a rank's memory hardly grows with its shard.
+        self.chunks = [(tf.constant(images[i:i + micro_batch].reshape(-1, s, s, 1), tf.uint8) if raw
+                        else tf.constant(images[i:i + micro_batch], self.dtype),
                         tf.constant(labels[i:i + micro_batch], tf.int64))
                        for i in self.chunk_starts]
 

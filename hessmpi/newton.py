@@ -43,7 +43,7 @@ import numpy as np
 from petsc4py import PETSc
 
 from .errors import HessmpiError
-from .operator import ggn_operator
+from .operator import ggn_operator, sum_over_ranks
 from .petsc import shell_matrix
 from .training import (CURVATURES, Objective, PrefixObjective, RegularizedOperator, batch_indices,
                        check_finite, diverged, divergence_hint)
@@ -274,13 +274,6 @@ class KroneckerPreconditioner:
         self.factors, self.Q, self.S = None, None, None
         self.blocks = []  # Σxxᵀ over the blocks of a growing sample, summed over ranks
 
-    def _sum(self, local: np.ndarray) -> np.ndarray:
-        from mpi4py import MPI
-
-        total = np.empty_like(local)
-        self.objective.comm.Allreduce(np.ascontiguousarray(local), total, op=MPI.SUM)
-        return total
-
     def update(self, theta: np.ndarray, batches, indices: np.ndarray | None, m: int, iteration: int,
                prefix: tuple | None = None) -> None:
         """Factor P at θ with Ā over the samples `indices` (None: all), m of them (collective).
@@ -296,7 +289,7 @@ class KroneckerPreconditioner:
         if n_k == batches.n and len(boundaries) == 1:  # all N from the start
             if self.S is None:  # once per process: a resumed run has paid for it already
                 X = np.asarray(batches.images, dtype=np.float64).reshape(-1, d)
-                self.S = self._sum(X.T @ X) / batches.n
+                self.S = sum_over_ranks(self.objective.comm, X.T @ X) / batches.n
                 cost.sweeps += 1.0 if iteration == 0 else 0.0
         else:  # a growing sample: S over the first n_k samples, summed block by block
             blocks = boundaries.index(n_k) + 1
@@ -305,7 +298,7 @@ class KroneckerPreconditioner:
                     lo = boundaries[j - 1] if j else 0
                     X = np.asarray(batches.samples(np.arange(lo, boundaries[j]))[0], dtype=np.float64)
                     X = X.reshape(-1, d)
-                    self.blocks.append(self._sum(X.T @ X))
+                    self.blocks.append(sum_over_ranks(self.objective.comm, X.T @ X))
                 self.S = sum(self.blocks[1:blocks], self.blocks[0].copy()) / n_k
             cost.sweeps += (n_k - paid) / batches.n  # the samples new in this iteration
         images = batches.samples(indices)[0]
@@ -313,7 +306,7 @@ class KroneckerPreconditioner:
         Z = X @ theta.reshape(X.shape[1], -1)
         P = np.exp(Z - Z.max(axis=1, keepdims=True))
         P /= P.sum(axis=1, keepdims=True)
-        A = self._sum(np.diag(P.sum(axis=0)) - P.T @ P) / m
+        A = sum_over_ranks(self.objective.comm, np.diag(P.sum(axis=0)) - P.T @ P) / m
         cost.sweeps += m / batches.n
         S = self.S
         lam, self.Q = np.linalg.eigh(A)

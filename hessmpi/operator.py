@@ -117,11 +117,17 @@ class DistributedOperator:
 
     def allreduce_sum(self, value):
         """Sum a scalar or array over all ranks (used for loss and gradient)."""
-        if np.isscalar(value):
-            return self.comm.allreduce(value, op=MPI.SUM)
-        out = np.empty_like(value)
-        self.comm.Allreduce(np.ascontiguousarray(value), out, op=MPI.SUM)
-        return out
+        return sum_over_ranks(self.comm, value)
+
+
+def sum_over_ranks(comm: MPI.Comm, value):
+    """The sum over the ranks of comm of a scalar or an array (a new array), on every rank
+    (collective)."""
+    if np.isscalar(value):
+        return comm.allreduce(value, op=MPI.SUM)
+    out = np.empty_like(value)
+    comm.Allreduce(np.ascontiguousarray(value), out, op=MPI.SUM)
+    return out
 
 
 def hessian_operator(curvature, n_global: int, comm: MPI.Comm) -> DistributedOperator:

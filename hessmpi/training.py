@@ -26,7 +26,7 @@ import numpy as np
 from . import data, regularize
 from .curvature import LocalCurvature
 from .errors import HessmpiError, NumericalError
-from .operator import DistributedOperator
+from .operator import DistributedOperator, sum_over_ranks
 
 HISTORY_FIELDS = ("iteration", "loss", "data_loss", "grad_norm", "train_accuracy", "test_accuracy",
                   "ksp_iterations", "ksp_reason", "step_length", "step_size", "hvps", "sweeps",
@@ -184,12 +184,8 @@ class LocalBatches:
         curv = self.use(indices)
         curv.set_params(theta)
         _, grad = curv.loss_grad()
-        out = np.empty_like(grad)
-        from mpi4py import MPI
-
-        self.comm.Allreduce(grad, out, op=MPI.SUM)
         objective.cost.sweeps += len(indices) / self.n
-        g = out / len(indices)
+        g = sum_over_ranks(self.comm, grad) / len(indices)
         if objective.gamma:
             g += objective.gamma * objective.penalty(theta)[1]
         return g
@@ -226,8 +222,6 @@ class PrefixObjective:
 
     def _block(self, j: int, theta: np.ndarray) -> tuple[float, np.ndarray]:
         """(Σ loss, Σ gradient) over block j at θ, summed over ranks (collective)."""
-        from mpi4py import MPI
-
         if j not in self._curvatures:
             lo = self.boundaries[j - 1] if j else 0
             b = self.batches
@@ -237,9 +231,7 @@ class PrefixObjective:
         curv = self._curvatures[j]
         curv.set_params(theta)
         loss, grad = curv.loss_grad()
-        local = np.concatenate([[loss], grad])
-        total = np.empty_like(local)
-        self.batches.comm.Allreduce(local, total, op=MPI.SUM)
+        total = sum_over_ranks(self.batches.comm, np.concatenate([[loss], grad]))
         return float(total[0]), total[1:]
 
     def value_grad(self, theta: np.ndarray, n: int, paid: int = 0) -> tuple[float, np.ndarray, float]:
