@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .plots import _pyplot, save
+from .plots import _pyplot, matrix_title, save
 
 
 def density(datasets: dict, attrs: dict, path: str, reference=None) -> None:
@@ -28,10 +28,7 @@ def density(datasets: dict, attrs: dict, path: str, reference=None) -> None:
     ax1.axvline(0, color="gray", lw=0.5)
     ax1.set_xlabel("eigenvalue λ")
     ax1.set_ylabel("density (integrates to 1)")
-    matrix = "GGN" if attrs.get("operator") == "ggn" else "Hessian"
-    layer = attrs.get("layer") or "all"  # "" (files since RunRecord records it) or "all": all of θ
-    where = "" if layer == "all" else f", layer {layer}"
-    ax1.set_title(f"{attrs.get('model')} {matrix}{where}, {attrs.get('dataset')}, N = {attrs.get('n_samples')}; "
+    ax1.set_title(f"{matrix_title(attrs)}, {attrs.get('dataset')}, N = {attrs.get('n_samples')}; "
                   f"σ = {width:.3g}", fontsize=9)
     tr, se = float(datasets["trace/estimate"]), float(datasets["trace/stderr"])
     neg = float(datasets["density/negative_mass"])

@@ -16,10 +16,10 @@ The eigenvectors stay distributed (PETSc Vecs): VᵀG is a local product and a s
 from __future__ import annotations
 
 import numpy as np
-from mpi4py import MPI
 
 from . import eigen
 from .errors import HessmpiError
+from .operator import sum_over_ranks
 from .petsc import shell_matrix
 from .training import (LocalBatches, Objective, RegularizedOperator, batch_indices, check_finite,
                        divergence_hint)
@@ -76,8 +76,7 @@ class LowRankSaddleFreeNewton:
         """−[V(|Λ|+δ)⁻¹Vᵀ + δ⁻¹(I − VVᵀ)]g, the full vector on every rank (collective)."""
         op = self.objective.problem.hessian
         g_local = g[op.lo:op.hi]
-        coeffs = np.empty(len(values))
-        self.batches.comm.Allreduce(vectors @ g_local, coeffs, op=MPI.SUM)
+        coeffs = sum_over_ranks(self.batches.comm, vectors @ g_local)
         d_local = -(vectors.T @ (coeffs / (np.abs(values) + self.damping))
                     + (g_local - vectors.T @ coeffs) / self.damping)
         return op.gather(d_local).copy()

@@ -35,6 +35,19 @@ def save(fig, path: str) -> None:
 OPERATOR_NAMES = {"hessian": "Hessian", "ggn": "Gauss-Newton"}
 
 
+def matrix_title(attrs: dict) -> str:
+    """The matrix a results file describes, for a figure title: model, operator, the
+    regularization if any, the layer block if not all of θ, e.g. "softmax Hessian +
+    0.0001·R (laplacian)" or "cnn Gauss-Newton, block of conv1/kernel"."""
+    matrix = OPERATOR_NAMES.get(attrs.get("operator", "hessian"), attrs.get("operator"))
+    reg = attrs.get("regularization", "none")
+    if reg not in ("none", None):
+        matrix += f" + {float(attrs.get('gamma')):g}·R ({reg})"
+    layer = attrs.get("layer") or "all"  # "all" in files written before RunRecord recorded ""
+    where = "" if layer == "all" else f", block of {layer}"
+    return f"{attrs.get('model')} {matrix}{where}"
+
+
 def spectrum(datasets: dict, attrs: dict, path: str) -> None:
     """Eigenvalues against their index (with their confidence intervals if the datasets hold
     them), and their relative residuals, as a PNG; the title names the matrix (attrs
@@ -54,11 +67,7 @@ def spectrum(datasets: dict, attrs: dict, path: str) -> None:
     ax1.set_xlabel("index")
     ax1.set_ylabel("eigenvalue")
     ax1.axhline(0, color="gray", lw=0.5)
-    matrix = OPERATOR_NAMES.get(attrs.get("operator", "hessian"), attrs.get("operator"))
-    layer = attrs.get("layer") or "all"  # "all" in files written before RunRecord recorded ""
-    where = "" if layer == "all" else f", layer {layer}"
-    ax1.set_title(f"{attrs.get('model')} {matrix}{where}, {attrs.get('dataset')}, N = {attrs.get('n_samples')}",
-                  fontsize=9)
+    ax1.set_title(f"{matrix_title(attrs)}, {attrs.get('dataset')}, N = {attrs.get('n_samples')}", fontsize=9)
     rel = residuals / np.maximum(np.abs(values), np.finfo(float).tiny)
     ax2.semilogy(idx, np.maximum(rel, 1e-18), "s", ms=4)
     ax2.set_xlabel("index")

@@ -11,28 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .plots import save
+from .plots import _pyplot, matrix_title, save
 
 RC = "rank_curve/"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _title(attrs) -> str:
-    reg = attrs.get("regularization", "none")
-    matrix = "G (Gauss-Newton)" if attrs.get("operator") == "ggn" else "H"
-    what = matrix if reg in ("none", None) else f"{matrix} + {attrs.get('gamma'):g}·R ({reg})"
-    layer = attrs.get("layer") or "all"
-    where = "" if layer == "all" else f", block of {layer}"
-    return (f"{attrs.get('model')} {what}{where}, {attrs.get('dataset')}, {attrs.get('dtype')}, "
-            f"weights: {attrs.get('weights')}")
+    return f"{matrix_title(attrs)}, {attrs.get('dataset')}, {attrs.get('dtype')}, weights: {attrs.get('weights')}"
 
 
 def curve(datasets: dict, attrs: dict, path: str) -> None:

@@ -100,10 +100,9 @@ def rayleigh_spread(shard_product, vectors, shard: tuple[int, int], n_samples: i
         vv = v @ v
         for g, rows in pieces:
             sums[g, k] = v @ shard_product(v, rows) / vv
-    total = np.empty_like(sums)
-    from mpi4py import MPI
+    from .operator import sum_over_ranks
 
-    comm.Allreduce(sums, total, op=MPI.SUM)
+    total = sum_over_ranks(comm, sums)
     sizes = np.array([b - a for a, b in bounds])
     return spread_from_quotients(total / sizes[:, None], sizes, confidence)
 

@@ -35,6 +35,16 @@ def _direction(n, seed):
     return d / np.linalg.norm(d)
 
 
+def _both_sides(problem, theta, step):
+    """((L, ∇L) at θ + step, (L, ∇L) at θ − step); the problem is left at θ."""
+    problem.set_params(theta + step)
+    plus = problem.loss_grad()
+    problem.set_params(theta - step)
+    minus = problem.loss_grad()
+    problem.set_params(theta)
+    return plus, minus
+
+
 def gradient_check(problem, theta, seed=0, steps=range(4, 20)) -> Check:
     """Best relative error of (L(θ+εd) − L(θ−εd))/2ε against ∇L·d over ε = 0.5^k."""
     d = _direction(problem.n_params, seed)
@@ -44,12 +54,8 @@ def gradient_check(problem, theta, seed=0, steps=range(4, 20)) -> Check:
     errors = []
     for k in steps:
         eps = 0.5 ** k
-        problem.set_params(theta + eps * d)
-        lp, _ = problem.loss_grad()
-        problem.set_params(theta - eps * d)
-        lm, _ = problem.loss_grad()
+        (lp, _), (lm, _) = _both_sides(problem, theta, eps * d)
         errors.append(abs((lp - lm) / (2 * eps) - exact) / max(abs(exact), 1e-12))
-    problem.set_params(theta)
     return Check("gradient vs finite differences", min(errors), _tol(problem),
                  f"∇L·d = {exact:.6e}; errors " + " ".join(f"{e:.1e}" for e in errors[::3]))
 
@@ -62,12 +68,8 @@ def hvp_check(problem, theta, seed=1, steps=range(4, 20)) -> Check:
     errors = []
     for k in steps:
         eps = 0.5 ** k
-        problem.set_params(theta + eps * d)
-        _, gp = problem.loss_grad()
-        problem.set_params(theta - eps * d)
-        _, gm = problem.loss_grad()
+        (_, gp), (_, gm) = _both_sides(problem, theta, eps * d)
         errors.append(np.linalg.norm((gp - gm) / (2 * eps) - hd) / max(np.linalg.norm(hd), 1e-12))
-    problem.set_params(theta)
     return Check("HVP vs finite differences of the gradient", min(errors), _tol(problem),
                  f"‖Hd‖ = {np.linalg.norm(hd):.6e}; errors " + " ".join(f"{e:.1e}" for e in errors[::3]))
 

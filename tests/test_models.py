@@ -129,3 +129,63 @@ def test_bad_model_requests_raise():
         models.get_model("resnet")
     with pytest.raises(HessmpiError, match="too small"):
         models.get_model("cnn", image_size=8)
+
+
+class PlainCNN(models.CNN):
+    """The CNN with TensorFlow's own max-pool and bias addition, whose derivatives models.CNN
+    must reproduce."""
+
+    def logits(self, theta, images):
+        k1, b1, k2, b2, w3, b3, w4, b4 = self.unflatten(theta)
+
+        def pool(h):
+            return tf.nn.max_pool2d(h, 2, 2, "VALID")
+
+        h = tf.nn.leaky_relu(pool(tf.nn.conv2d(images, k1, 1, "VALID") + b1), models.LEAK)
+        h = tf.nn.leaky_relu(pool(tf.nn.conv2d(h, k2, 1, "VALID") + b2), models.LEAK)
+        h = tf.reshape(pool(h), (tf.shape(h)[0], w3.shape[0]))
+        h = tf.nn.leaky_relu(tf.matmul(h, w3) + b3, models.LEAK)
+        return tf.nn.leaky_relu(tf.matmul(h, w4) + b4, models.LEAK)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("point", ["init", "center-tap"])
+def test_cnn_derivatives_match_tensorflow_pooling_on_ties(dtype, point):
+    """On real digits the CNN's gradient and HVP (both modes) equal those of TensorFlow's own
+    max-pool to rounding, also where pooling windows tie: each window's derivative goes to
+    the element tf.nn.max_pool2d's gradient picks. Ties of identical patches (the zero
+    background) would not notice a different pick, so at "center-tap" the first kernels
+    only see their center pixel: equal pixels inside a stroke tie with different patches."""
+    from hessmpi import data
+    from hessmpi.curvature import HVP_MODES, LocalCurvature
+
+    ds = data.load("mnist-5k")
+    x, y = ds.train_images[:20], np.array(ds.train_labels[:20])
+    ours, reference = models.get_model("cnn"), PlainCNN()
+    rng = np.random.default_rng(11)
+    theta = ours.init(0)
+    if point == "center-tap":
+        theta = ours.init(1) + 0.05 * rng.standard_normal(ours.n_params)
+        k1 = theta[:800].reshape(5, 5, 1, 32)
+        k1[:2], k1[3:], k1[:, :2], k1[:, 3:] = 0, 0, 0, 0
+    v = rng.standard_normal(ours.n_params)
+
+    k1, b1 = theta[:800].reshape(5, 5, 1, 32), theta[800:832]
+    z = tf.nn.conv2d(x.reshape(-1, 28, 28, 1) / 255.0, k1, 1, "VALID").numpy() + b1
+    windows = z.reshape(-1, 12, 2, 12, 2, 32)
+    top = windows.max(axis=(2, 4), keepdims=True)
+    ties = (windows == top).sum(axis=(2, 4)) > 1
+    assert ties.mean() > 0.1
+    if point == "center-tap":
+        assert (ties & (top[:, :, 0, :, 0] != b1)).sum() > 1000  # ties off the background
+
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    for mode in HVP_MODES:
+        results = []
+        for model in (reference, ours):
+            curvature = LocalCurvature(model, x, y, dtype, hvp_mode=mode)
+            curvature.set_params(theta)
+            results.append((curvature.loss_grad()[1], curvature.hvp(v)))
+        (g0, h0), (g1, h1) = results
+        np.testing.assert_allclose(g1, g0, rtol=0, atol=tol * np.abs(g0).max())
+        np.testing.assert_allclose(h1, h0, rtol=0, atol=tol * np.abs(h0).max())
