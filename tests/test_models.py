@@ -148,9 +148,16 @@ class PlainCNN(models.CNN):
         return tf.nn.leaky_relu(tf.matmul(h, w4) + b4, models.LEAK)
 
 
+@pytest.fixture(scope="module")
+def cnn_pair():
+    """(models.CNN, PlainCNN): one object each, so that their TensorFlow functions are traced
+    once for every case of the test below."""
+    return models.get_model("cnn"), PlainCNN()
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("point", ["init", "center-tap"])
-def test_cnn_derivatives_match_tensorflow_pooling_on_ties(dtype, point):
+def test_cnn_derivatives_match_tensorflow_pooling_on_ties(dtype, point, cnn_pair):
     """On real digits the CNN's gradient and HVP (both modes) equal those of TensorFlow's own
     max-pool to rounding, also where pooling windows tie: each window's derivative goes to
     the element tf.nn.max_pool2d's gradient picks. Ties of identical patches (the zero
@@ -161,7 +168,7 @@ def test_cnn_derivatives_match_tensorflow_pooling_on_ties(dtype, point):
 
     ds = data.load("mnist-5k")
     x, y = ds.train_images[:20], np.array(ds.train_labels[:20])
-    ours, reference = models.get_model("cnn"), PlainCNN()
+    ours, reference = cnn_pair
     rng = np.random.default_rng(11)
     theta = ours.init(0)
     if point == "center-tap":
