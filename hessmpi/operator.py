@@ -115,10 +115,6 @@ class DistributedOperator:
         self.comm.Allgatherv(y, [out, self.counts, self.offsets, MPI.DOUBLE])
         return out
 
-    def allreduce_sum(self, value):
-        """Sum a scalar or array over all ranks (used for loss and gradient)."""
-        return sum_over_ranks(self.comm, value)
-
 
 def sum_over_ranks(comm: MPI.Comm, value):
     """The sum over the ranks of comm of a scalar or an array (a new array), on every rank

@@ -19,7 +19,7 @@ from . import data
 from .curvature import LocalCurvature
 from .errors import HessmpiError
 from .models import Model
-from .operator import DistributedOperator, ggn_operator, hessian_operator, layer_block, restrict
+from .operator import DistributedOperator, ggn_operator, hessian_operator, layer_block, restrict, sum_over_ranks
 
 OPERATORS = ("hessian", "ggn")
 
@@ -86,9 +86,9 @@ class Problem:
     def loss_grad(self) -> tuple[float, np.ndarray]:
         """(mean loss, mean gradient) over all ranks' samples at the current θ."""
         loss, grad = self.curvature.loss_grad()
-        return (self.hessian.allreduce_sum(loss) / self.n_samples,
-                self.hessian.allreduce_sum(grad) / self.n_samples)
+        return (sum_over_ranks(self.comm, loss) / self.n_samples,
+                sum_over_ranks(self.comm, grad) / self.n_samples)
 
     def train_accuracy(self) -> float:
         """Fraction of the n_samples training samples classified correctly at θ."""
-        return self.hessian.allreduce_sum(self.curvature.n_correct()) / self.n_samples
+        return sum_over_ranks(self.comm, self.curvature.n_correct()) / self.n_samples

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import HessmpiError
+from .operator import sum_over_ranks
 
 THRESHOLDS = (1e-2, 1e-4, 1e-6, 1e-8, 1e-10, 1e-12)
 DEFAULT_BATCH_SIZES = (1, 5, 10, 50, 100, 200, 500, 1000, 5000)
@@ -278,7 +279,7 @@ def dense_softmax(batch: Batch, tol: float, regularizer=None,
     x = batch.images.reshape(len(batch.images), pixels)
     a = _softmax_curvature(x, batch.theta, classes)
     local_live = (x != 0).any(axis=0)
-    live = np.flatnonzero(comm.allreduce(local_live.astype(np.int64)) > 0)
+    live = np.flatnonzero(sum_over_ranks(comm, local_live.astype(np.int64)) > 0)
     xl = x[:, live]
 
     # H·v from the factors against the HVP of the operator.
@@ -289,7 +290,7 @@ def dense_softmax(batch: Batch, tol: float, regularizer=None,
         v = rng.standard_normal(pixels * classes)
         vx = x @ (v.reshape(pixels, classes) @ q)  # (samples, C−1)
         local = x.T @ np.einsum("iab,ib->ia", a, vx)
-        hv = (op.allreduce_sum(local) / n) @ q.T
+        hv = (sum_over_ranks(op.comm, local) / n) @ q.T
         errors.append(_relative_error(hv.ravel(), op.apply_full(v)))
 
     use_gram = regularizer is None and n <= live.size

@@ -109,7 +109,7 @@ class Objective:
             return train, float("nan")
         curv, n_test = self.test
         curv.set_params(theta)
-        return train, self.comm.allreduce(curv.n_correct()) / n_test
+        return train, sum_over_ranks(self.comm, curv.n_correct()) / n_test
 
 
 def held_out_curvature(problem, n_test: int | None, micro_batch: int):

@@ -50,10 +50,11 @@ class ArrayProblem:
 
     def loss_grad(self):
         loss, grad = self.curvature.loss_grad()
-        return self.hessian.allreduce_sum(loss) / self.n_samples, self.hessian.allreduce_sum(grad) / self.n_samples
+        return (operator.sum_over_ranks(self.comm, loss) / self.n_samples,
+                operator.sum_over_ranks(self.comm, grad) / self.n_samples)
 
     def train_accuracy(self):
-        return self.hessian.allreduce_sum(self.curvature.n_correct()) / self.n_samples
+        return operator.sum_over_ranks(self.comm, self.curvature.n_correct()) / self.n_samples
 
 
 # ---------------------------------------------------------------- independent references
