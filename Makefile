@@ -34,7 +34,7 @@ test: setup
 run: setup
 	mpirun -n $(NP) $(PYTHON) scripts/spectrum.py $(ARGS) </dev/null
 
-# Benchmarks (issue 7): Markdown tables on stdout and in $(BENCH_OUT)/*.md, JSON next to them.
+# Benchmarks: Markdown tables on stdout and in $(BENCH_OUT)/*.md, JSON next to them.
 # About 15 minutes on 2 idle cores. PyHessian's row needs HESSMPI_TORCH_PYTHON (a Python with
 # torch and pyhessian; hessmpi does not depend on them), else it is skipped with a note.
 BENCH_OUT ?= results/bench
@@ -44,6 +44,7 @@ bench: setup
 	run() { name=$$1; shift; echo "+ $$*"; "$$@" --json $$o/$$name.json </dev/null | tee $$o/$$name.md || exit 1; }; \
 	run hvp_cost $(PYTHON) bench/hvp_cost.py; \
 	run hvp_cost_1thread $(PYTHON) bench/hvp_cost.py --threads 1; \
+	run hvp_vs_handwritten $(PYTHON) bench/hvp_cost.py --compare-handwritten; \
 	run comm_cost $(PYTHON) bench/comm_cost.py --models cnn,softmax; \
 	run eigen_cnn_2x1 $(BENCH_MPI) bench/eigen_cost.py --model cnn --dtype float32 --n-samples 1000 \
 		--solvers default,krylovschur,pyhessian; \

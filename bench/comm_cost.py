@@ -5,7 +5,7 @@
     python bench/comm_cost.py --from-json FILE --alpha 50e-6 --beta 1.25e9   # re-project for another network
 
 For each model and rank count it launches `mpirun -n P` workers that apply the
-distributed Hessian (hessmpi.operator.DistributedOperator, which times its local
+distributed Hessian (hessmpi.Hessian, a hessmpi.curvature.DistributedOperator, which times its local
 HVPs and its Allgatherv + Reduce_scatter separately) to random vectors, and time the
 two collectives alone on an n-vector. One rank then times the local HVP on m samples
 (one TensorFlow thread, best of --repeat) for several m and fits t(m) = a + b·m in
@@ -40,28 +40,26 @@ FULL_MNIST = 60_000
 
 def worker(args):
     """One mpirun rank: per-product compute and communication, and the collectives alone."""
-    import petsc4py
+    from hessmpi import runtime
 
-    petsc4py.init(sys.argv[:1])
-    from hessmpi import data, runtime
-
+    runtime.init_petsc()
     runtime.configure_threads(1)
     from mpi4py import MPI
 
-    from hessmpi.models import get_model
-    from hessmpi.petsc import shell_matrix
-    from hessmpi.problem import Problem
+    import hessmpi
+    from hessmpi.curvature.petsc import shell_matrix
+    from hessmpi.models import builtin
 
     comm = MPI.COMM_WORLD
-    model = get_model(args.model)
-    dataset = data.load("mnist-5k")
-    problem = Problem(model, dataset, args.n_samples, comm, args.dtype, args.micro_batch)
+    n_params = builtin.layout(args.model).n_params
     rng = np.random.default_rng(0)
-    problem.set_params(model.init(0) + 0.01 * rng.standard_normal(model.n_params))
-    op = problem.hessian
+    theta = builtin.init(args.model, 0) + 0.01 * rng.standard_normal(n_params)
+    op = hessmpi.Hessian(args.model, "mnist-5k", dtype=args.dtype, n_samples=args.n_samples, comm=comm,
+                         micro_batch=args.micro_batch, params=theta)
+    problem = op.problem
     mat = shell_matrix(op)  # the products go through PETSc, as in a solve
     x, y = mat.createVecs()
-    vectors = rng.standard_normal((args.repeat + 2, model.n_params))
+    vectors = rng.standard_normal((args.repeat + 2, n_params))
     for v in vectors[:2]:  # trace and warm up
         x.getArray()[:] = v[op.lo:op.hi]
         mat.mult(x, y)
@@ -93,7 +91,7 @@ def worker(args):
         rows = np.array(rows)
         print("RESULT " + json.dumps({
             "model": args.model, "dtype": args.dtype, "ranks": comm.Get_size(), "n_samples": problem.n_samples,
-            "n_params": model.n_params, "compute_max": rows[:, 0].max(), "compute_mean": rows[:, 0].mean(),
+            "n_params": n_params, "compute_max": rows[:, 0].max(), "compute_mean": rows[:, 0].mean(),
             "comm_mean": rows[:, 1].mean(), "collectives": rows[:, 2].max(), "wall": rows[:, 3].max(),
             "overhead": rows[:, 3].max() - rows[:, 0].max()}),
             flush=True)
@@ -101,22 +99,26 @@ def worker(args):
 
 def fit_worker(args):
     """One process, one thread: the local HVP time on m samples, for several m; fit a + b·m."""
-    from hessmpi import data, runtime
+    from hessmpi import runtime
 
     runtime.configure_threads(1)
-    from hessmpi.curvature import LocalCurvature
-    from hessmpi.models import get_model
+    from mpi4py import MPI
 
-    model = get_model(args.model)
-    images, labels = data.select(data.load("mnist-5k"), args.micro_batch, 1, 0)
+    from hessmpi.curvature import Problem
+    from hessmpi.data import datasets
+    from hessmpi.models import builtin, resolve
+
+    model = builtin.build(args.model, args.dtype)  # one model: its HVP is traced once for every m
+    loss = resolve(None, model.source)
+    digits = datasets.load("mnist-5k").split("train", args.micro_batch)
     rng = np.random.default_rng(0)
-    theta = model.init(0) + 0.01 * rng.standard_normal(model.n_params)
+    theta = builtin.init(args.model, 0) + 0.01 * rng.standard_normal(model.n_params)
     v = rng.standard_normal(model.n_params)
     sizes = [args.micro_batch // 2 ** k for k in range(6)]
     times = []
     for m in sizes:
-        curv = LocalCurvature(model, images[:m], labels[:m], args.dtype, args.micro_batch)
-        curv.set_params(theta)
+        # this rank's curvature as Problem builds it (uint8 pixels), on the first m digits
+        curv = Problem(model, loss, digits.rows(0, m), MPI.COMM_SELF, args.micro_batch, theta=theta).curvature
         curv.hvp(v)
         best = math.inf
         for _ in range(args.repeat):

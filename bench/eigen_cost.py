@@ -5,14 +5,14 @@
                                [--solvers default,krylovschur,lanczos,lobpcg:10,power] [--json FILE]
     mpirun -n 2 python bench/eigen_cost.py ...       # the same solves on 2 ranks
 
-Every solver runs on the same distributed operator (hessmpi.problem.Problem, θ the
+Every solver runs on the same distributed operator (hessmpi.Hessian, θ the built-in
 model's initialisation for --seed) and must reach a relative residual
 ‖Hx−λx‖/|λ| ≤ --tol for each of the nev largest pairs (default 1e-5 in float32, 1e-8
 in float64). The residuals are recomputed after the solve with one extra product per
 pair (not counted) and reported, so a solver that stops early shows it.
 
 Solvers:
-  default        hessmpi.eigen.solve as scripts/spectrum.py runs it (its passes and checks included)
+  default        hessmpi.solvers.eigen.solve as scripts/spectrum.py runs it (its passes and checks included)
   krylovschur    one SLEPc Krylov-Schur solve, relative convergence test, ncv from --ncv (0: SLEPc's)
   lanczos        one SLEPc Lanczos solve (full reorthogonalization), relative test
   lobpcg:B       one SLEPc LOBPCG solve with block size B, relative test (at most --max-hvps products)
@@ -25,7 +25,6 @@ Prints a Markdown table; --json writes the rows.
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -53,25 +52,25 @@ def parse():
 
 def main():
     args = parse()
-    import petsc4py
+    from hessmpi import runtime
 
-    petsc4py.init(sys.argv[:1])
-    from hessmpi import data, runtime
-
+    runtime.init_petsc()  # before anything parses the command line: PETSc sees no bench flags
     comm = runtime.world()
     threads = runtime.configure_threads(args.threads or runtime.default_threads(comm))
     from petsc4py import PETSc
     from slepc4py import SLEPc
 
-    from hessmpi import eigen, petsc
-    from hessmpi.models import get_model
-    from hessmpi.problem import Problem
+    import hessmpi
+    from hessmpi.curvature import petsc
+    from hessmpi.models import builtin
+    from hessmpi.solvers import eigen
 
     tol = args.tol or (1e-5 if args.dtype == "float32" else 1e-8)
-    model = get_model(args.model)
-    problem = Problem(model, data.load(args.dataset), args.n_samples, comm, args.dtype, args.micro_batch)
-    problem.set_params(model.init(args.seed))
-    op = problem.hessian
+    # θ of a built-in model: its initialisation for --seed; any other model spec: its own weights
+    theta = builtin.init(args.model, args.seed) if args.model in builtin.MODELS else None
+    op = hessmpi.Hessian(args.model, args.dataset, dtype=args.dtype, n_samples=args.n_samples, comm=comm,
+                         micro_batch=args.micro_batch, params=theta)
+    problem = op.problem
     mat = petsc.shell_matrix(op)
     op.apply(np.zeros(op.n_local))  # trace the TensorFlow function before timing
     say = PETSc.Sys.Print

@@ -4,10 +4,11 @@
     python bench/memory.py [--samples 1000,4000,15000,60000] [--models cnn,softmax] [--dtype float32] [--json FILE]
 
 Each point runs in a fresh process (one rank, one TensorFlow thread): it builds the
-hessmpi.problem.Problem of the model on the first S samples of the synthetic dataset
-(seven-segment digits generated once with the largest S; mnist-5k has only 4,000), applies the Hessian to a
-vector and computes one gradient, then reports the process's peak resident set
-size (ru_maxrss) and its resident size before the data were loaded. Micro-batching
+built-in Keras model and the hessmpi.curvature.Problem of it on the first S samples of the
+synthetic dataset (seven-segment digits generated once with the largest S and read back
+S rows only; mnist-5k has only 4,000), applies the Hessian to a vector and computes one
+gradient, then reports the process's peak resident set size (ru_maxrss) and its resident
+size before the data were loaded (the model built). Micro-batching
 (--micro-batch, default 1000) bounds the activations; what may still grow with S is
 the shard itself. Prints a Markdown table, with each peak relative to the smallest shard's.
 """
@@ -28,25 +29,30 @@ def rss_mb():
     return float("nan")
 
 
-def worker(model_name, n, dtype, micro_batch, npz):
+def worker(model_name, n, dtype, micro_batch, digits_dir):
     import resource
 
     import numpy as np
 
-    from hessmpi import data, runtime
+    from hessmpi import runtime
 
     runtime.configure_threads(1)
-    from hessmpi.models import get_model
-    from hessmpi.problem import Problem
+    from hessmpi.curvature import Problem
+    from hessmpi.data import datasets
+    from hessmpi.models import builtin, resolve
 
     comm = runtime.world()
-    model = get_model(model_name)
+    model = builtin.build(model_name, dtype)
     base = rss_mb()
-    saved = np.load(npz)  # the digits, generated once by the parent (not counted here)
-    dataset = data.Dataset("synthetic", saved["images"][:n], saved["labels"][:n],
-                           saved["images"][:10], saved["labels"][:10])
-    problem = Problem(model, dataset, n, comm, dtype, micro_batch)
-    problem.set_params(model.init(0))
+    # the first n digits, generated once by the parent; only these n rows are read (np.load of
+    # an .npz would read the whole array, whose largest size would then count in every row)
+    side = datasets.IMAGE_SHAPE
+    images = np.fromfile(os.path.join(digits_dir, "images.u8"), np.uint8, count=n * side[0] * side[1])
+    images = images.reshape(n, *side)
+    labels = np.fromfile(os.path.join(digits_dir, "labels.i8"), np.int64, count=n)
+    dataset = datasets.Dataset("synthetic", images, labels, images[:10], labels[:10])
+    problem = Problem(model, resolve(None, model.source), dataset.split("train", n), comm, micro_batch,
+                      theta=builtin.init(model_name, 0))
     v = np.random.default_rng(0).standard_normal(model.n_params)
     problem.hessian.apply(v)
     problem.loss_grad()
@@ -68,17 +74,17 @@ def main():
         return worker(args.worker[0], int(args.worker[1]), args.dtype, args.micro_batch, args.worker[2])
     import numpy as np
 
-    from hessmpi import data
+    from hessmpi.data import datasets
 
     sizes = [int(s) for s in args.samples.split(",")]
-    digits = data._synthetic(0, n_train=max(sizes), n_test=10)
+    digits = datasets._synthetic(0, n_train=max(sizes), n_test=10)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        npz = os.path.join(tmp, "digits.npz")
-        np.savez(npz, images=digits.train_images, labels=digits.train_labels)
+        digits.train_images.tofile(os.path.join(tmp, "images.u8"))
+        np.asarray(digits.train_labels, dtype=np.int64).tofile(os.path.join(tmp, "labels.i8"))
         for name in args.models.split(","):
             for n in sizes:
-                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", name, str(n), npz,
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", name, str(n), tmp,
                                       "--dtype", args.dtype, "--micro-batch", str(args.micro_batch)],
                                      check=True, capture_output=True, text=True).stdout
                 rows.append(json.loads(out.strip().splitlines()[-1]))

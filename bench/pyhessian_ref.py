@@ -175,11 +175,13 @@ def main():
               "or set HESSMPI_TORCH_PYTHON\n")
         return
     sys.path.insert(0, os.path.dirname(HERE))
-    from hessmpi import data
-    from hessmpi.models import get_model
+    from hessmpi.data import datasets
+    from hessmpi.models import builtin
 
-    x, y = data.select(data.load("mnist-5k"), args.n_samples, 1, 0, dtype=np.float32)
-    theta = get_model("cnn").init(args.seed)
+    digits = datasets.load("mnist-5k").split("train", args.n_samples)  # uint8 pixels (n, 28, 28, 1)
+    x = digits.x.astype(np.float32) / 255  # the float32 values hessmpi's CNN sees (k/255 rounded)
+    y = np.array(digits.y, dtype=np.int64)
+    theta = builtin.init("cnn", args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         npz, out = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.json")
         np.savez(npz, images=x, labels=y, theta=theta)

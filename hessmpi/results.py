@@ -17,6 +17,20 @@ from .errors import ResultsError
 ROOT_ATTRS = ("model", "dataset", "n_params", "n_samples", "n_ranks", "dtype",
               "hessmpi_version", "command")
 
+
+def version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def command() -> str:
+    """This process's command line, as the `command` attribute records it."""
+    import shlex
+    import sys
+
+    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
+
 CONTRACT = {
     "spectrum": ("spectrum/eigenvalues", "spectrum/eigenvectors", "spectrum/residuals"),
     "rank_curve": ("rank_curve/batch_sizes", "rank_curve/ranks"),
@@ -73,6 +87,14 @@ def write(path: str, datasets: dict, attrs: dict) -> None:
         raise
 
 
+def save(path: str, datasets: dict, attrs: dict) -> None:
+    """`write` on rank 0 of MPI_COMM_WORLD only (the other ranks return at once)."""
+    from . import runtime
+
+    if runtime.rank() == 0:
+        write(path, datasets, attrs)
+
+
 def read(path: str, kind: str | None = None) -> tuple[dict, dict]:
     """(datasets, attrs) of a results file; with kind, raise ResultsError naming every
     dataset of the contract that the file lacks."""
@@ -96,9 +118,9 @@ def read(path: str, kind: str | None = None) -> tuple[dict, dict]:
     return datasets, attrs
 
 
-def load_weights(path: str, n_params: int) -> np.ndarray:
-    """θ from an .npz with key 'params' or from a results file's /model/params, checked
-    to have n_params entries, all finite."""
+def load_weights(path: str, n_params: int | None = None) -> np.ndarray:
+    """θ from an .npz with key 'params' or from a results file's /model/params, checked to be
+    finite (and to have n_params entries, if given)."""
     if not os.path.isfile(path):
         raise ResultsError(f"--weights {path}: no such file")
     if path.endswith(".npz"):
@@ -116,9 +138,15 @@ def load_weights(path: str, n_params: int) -> np.ndarray:
             raise ResultsError(f"--weights {path}: the file has no /model/params dataset")
         theta = np.asarray(datasets["model/params"], dtype=np.float64)
     theta = theta.ravel()
+    if not np.all(np.isfinite(theta)):
+        raise ResultsError(f"--weights {path} contains NaN or infinite values")
+    if n_params is not None:
+        check_length(theta, n_params, path)
+    return theta
+
+
+def check_length(theta: np.ndarray, n_params: int, path: str) -> None:
+    """ResultsError unless the weights of `path` have n_params entries."""
     if theta.size != n_params:
         raise ResultsError(f"--weights {path} holds {theta.size:,} values but the model has "
                            f"{n_params:,} parameters (wrong --model?)")
-    if not np.all(np.isfinite(theta)):
-        raise ResultsError(f"--weights {path} contains NaN or infinite values")
-    return theta

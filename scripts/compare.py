@@ -11,37 +11,13 @@ No MPI needed.
 """
 
 import argparse
-import os
 import sys
-
-import numpy as np
-
-
-def table(runs, target=None) -> list[str]:
-    """One line per run: method, rows, sweeps, wall time, final F, final/best test accuracy."""
-    width = max([4] + [len(os.path.basename(path)) for path, _, _ in runs])
-    head = (f"{'file':<{width}} {'method':<8} {'iters':>6} {'sweeps':>9} {'time s':>8} {'final F':>12} "
-            f"{'test':>7} {'best test':>9} {'@ sweeps':>9}")
-    if target is not None:
-        head += f" {'sweeps to ' + format(target, '.3f'):>16} {'time s':>8}"
-    lines = [head]
-    for path, d, attrs in runs:
-        acc, sweeps = np.asarray(d["newton/test_accuracy"]), np.asarray(d["newton/sweeps"])
-        wall = np.asarray(d["newton/wall_time"])
-        best = int(np.nanargmax(acc)) if np.any(np.isfinite(acc)) else 0
-        line = (f"{os.path.basename(path):<{width}} {attrs.get('method', '?'):<8} {int(d['newton/iteration'][-1]):>6} "
-                f"{sweeps[-1]:>9.2f} {d['newton/wall_time'][-1]:>8.1f} {d['newton/loss'][-1]:>12.6g} "
-                f"{acc[-1]:>7.4f} {acc[best]:>9.4f} {sweeps[best]:>9.2f}")
-        if target is not None:
-            reached = np.flatnonzero(acc >= target)
-            line += (f" {sweeps[reached[0]]:>16.2f} {wall[reached[0]]:>8.1f}" if reached.size
-                     else f" {'not reached':>16} {'':>8}")
-        lines.append(line)
-    return lines
 
 
 def main(argv=None) -> int:
-    from hessmpi import results, training_plots
+    from hessmpi import results
+    from hessmpi.optim import fit
+    from hessmpi.plots import training as training_plots
     from hessmpi.errors import HessmpiError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -56,7 +32,7 @@ def main(argv=None) -> int:
     except HessmpiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for line in table(runs, args.target):
+    for line in fit.comparison_table(runs, args.target):
         print(line)
     training_plots.compare(runs, args.out)
     print(f"wrote {args.out}")

@@ -18,7 +18,7 @@ SOFTMAX_TINY = {"name": "softmax", "config": {"image_size": 4}, "n_params": 160}
 CNN_TINY = {"name": "cnn", "config": {"image_size": 16, "kernel": 3, "filters": (2, 3), "hidden": 4},
             "n_params": 143}
 
-# The models of DESIGN.md, with their exact parameter counts.
+# The models of docs/design.md, with their exact parameter counts.
 FULL_MODELS = [
     {"name": "softmax", "config": {}, "n_params": 7_840},
     {"name": "cnn", "config": {}, "n_params": 86_282},
@@ -76,17 +76,30 @@ SINGULAR_CASES = [
 
 # ---------------------------------------------------------------- builders
 
+_MODELS: dict = {}  # (spec, dtype) -> the built-in FlatModel (shared: its traced functions too)
 
-def build_model(spec):
-    from hessmpi import models
 
-    return models.get_model(spec["name"], **spec["config"])
+def build_model(spec, dtype: str = "float64"):
+    """The built-in model of spec (a FlatModel computing in dtype), shared across tests."""
+    from hessmpi.models import builtin
+
+    key = (repr(spec), dtype)
+    if key not in _MODELS:
+        _MODELS[key] = builtin.build(spec["name"], dtype, **spec["config"])
+    return _MODELS[key]
+
+
+def init(model, seed: int = 0) -> np.ndarray:
+    """The built-in model's initial θ for seed (models.builtin.init)."""
+    from hessmpi.models import builtin
+
+    return builtin.init(model.kind, seed, **model.config)
 
 
 def point(model, case) -> np.ndarray:
-    """θ = model.init(seed) + noise·N(0, 1), float64."""
+    """θ = init(seed) + noise·N(0, 1), float64."""
     rng = np.random.default_rng(case["seed"])
-    return model.init(case["seed"]) + case["noise"] * rng.standard_normal(model.n_params)
+    return init(model, case["seed"]) + case["noise"] * rng.standard_normal(model.n_params)
 
 
 def random_data(model, n: int, seed: int):
@@ -99,8 +112,11 @@ def random_data(model, n: int, seed: int):
 def dense_hessian(model, theta, images, labels) -> np.ndarray:
     """(1/N) ∂²(Σ loss)/∂θ² by nested GradientTapes and tape.jacobian, float64.
 
-    Independent of hessmpi.curvature: the loss is written out here again.
+    Independent of hessmpi's models and curvature: the model and its loss are the plain
+    TensorFlow references of reference_models.
     """
+    import reference_models
+
     from hessmpi import runtime
 
     tf = runtime.import_tensorflow()
@@ -114,8 +130,7 @@ def dense_hessian(model, theta, images, labels) -> np.ndarray:
             outer.watch(th)
             with tf.GradientTape() as inner:
                 inner.watch(th)
-                loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                    labels=y, logits=model.logits(th, x)))
+                loss = reference_models.loss_sum(model.kind, model.config, th, x, y)
             grad = inner.gradient(loss, th)
         return outer.jacobian(grad, th, experimental_use_pfor=False)
 
@@ -143,27 +158,35 @@ def build(case, dense=True):
     return SimpleNamespace(case=case, model=model, theta=theta, images=images, labels=labels, H=H)
 
 
-def hessian_operator(built, comm, **options):
-    """The distributed Hessian of built's data at built.theta, each rank of comm holding
-    its shard (data.shard_range); options go to LocalCurvature."""
-    from hessmpi import curvature, data, operator
+def problem(built, comm, dtype: str = "float64", micro_batch: int = 1000, hvp_mode: str = "reverse-over-reverse",
+            n_samples: int | None = None):
+    """The Problem of built's data (the first n_samples) at built.theta, each rank of comm
+    holding its shard, computing in dtype."""
+    from hessmpi.curvature import Problem
+    from hessmpi.data import Data
+    from hessmpi.models import resolve
 
-    n = len(built.labels)
-    lo, hi = data.shard_range(n, comm.Get_size(), comm.Get_rank())
-    curv = curvature.LocalCurvature(built.model, built.images[lo:hi], built.labels[lo:hi], **options)
-    curv.set_params(built.theta)
-    return operator.hessian_operator(curv, n, comm)
+    model = built.model if dtype == built.model.dtype else build_model(built.case["model"], dtype)
+    n = n_samples or len(built.labels)
+    return Problem(model, resolve(None, model.source), Data(built.images[:n], built.labels[:n]), comm,
+                   micro_batch, hvp_mode, built.theta)
+
+
+def hessian_operator(built, comm, **options):
+    """The distributed Hessian of built's data at built.theta over comm; options go to problem()."""
+    return problem(built, comm, **options).hessian
 
 
 def sum_of_terms_operator(weights, vectors, comm):
     """Σ_k w_k q_k q_kᵀ as a DistributedOperator whose terms are sharded over comm's
     ranks like samples (vectors: the q_k as columns)."""
-    from hessmpi import data, operator
+    from hessmpi.curvature import DistributedOperator
+    from hessmpi.data import shard_range
 
     n_terms = len(weights)
-    lo, hi = data.shard_range(n_terms, comm.Get_size(), comm.Get_rank())
+    lo, hi = shard_range(n_terms, comm.Get_size(), comm.Get_rank())
     w, Q = np.asarray(weights[lo:hi]), np.asarray(vectors[:, lo:hi])
-    return operator.DistributedOperator(lambda v: Q @ (w * (Q.T @ v)), vectors.shape[0], 1.0, comm)
+    return DistributedOperator(lambda v: Q @ (w * (Q.T @ v)), vectors.shape[0], 1.0, comm)
 
 
 def rel_error(a, b) -> float:
@@ -184,7 +207,7 @@ def degenerate():
 
     from mpi4py import MPI
 
-    from hessmpi import petsc
+    from hessmpi.curvature import petsc
 
     case = DEGENERATE_CASE
     n = case["n"]

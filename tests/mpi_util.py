@@ -70,3 +70,23 @@ def _kill_session(sid: int) -> None:
                 os.kill(int(stat.split("/")[2]), signal.SIGKILL)
         except (OSError, ValueError, IndexError):
             pass
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of every process below `pid` (mpirun's ranks, for a test that kills one)."""
+    children = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                with open(f"/proc/{stat}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(stat))
+            except (OSError, ValueError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in children.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out

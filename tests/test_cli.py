@@ -22,7 +22,7 @@ def test_a_petsc_option_that_no_solver_reads_is_named():
     then names what is left: the typo, not the valid options next to it."""
     from petsc4py import PETSc
 
-    from hessmpi import petsc_options
+    from hessmpi.cli import petsc_options
     from hessmpi.errors import HessmpiError
 
     options = PETSc.Options()

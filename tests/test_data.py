@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hessmpi import data
+from hessmpi.data import datasets
 from hessmpi.errors import DataError
 
 
@@ -221,14 +222,14 @@ def test_load_mnist_errors(tmp_path):
 
 
 def test_fashion_mnist_missing_directory_message(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", str(tmp_path / "none"))
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         data.load("fashion-mnist")
 
 
 @pytest.mark.skipif(
-    not os.path.isdir(data.FASHION_MNIST_DIR),
-    reason=f"{data.FASHION_MNIST_DIR} absent (apt-get install dataset-fashion-mnist)",
+    not os.path.isdir(datasets.FASHION_MNIST_DIR),
+    reason=f"{datasets.FASHION_MNIST_DIR} absent (apt-get install dataset-fashion-mnist)",
 )
 def test_load_fashion_mnist_real():
     ds = data.load("fashion-mnist")
@@ -289,17 +290,17 @@ def test_mnist5k_cache(cache_home):
         files[0].write_bytes(garbage)
         again = data.load("mnist-5k")
         np.testing.assert_array_equal(first.train_images, again.train_images)
-    assert data._read_cache(str(files[0]), data._cache_key(mnist5k_file())) is not None
+    assert datasets._read_cache(str(files[0]), datasets._cache_key(mnist5k_file())) is not None
 
 
 def test_mnist5k_cache_key_is_checked(cache_home):
     pixels, labels = np.zeros((5000, 784), np.uint8), np.zeros(5000, np.uint8)
-    path = data._cache_path("key-a")
-    data._write_cache(path, "key-a", pixels, labels)
-    assert data._read_cache(path, "key-a") is not None
-    assert data._read_cache(path, "key-b") is None
-    data._write_cache(path, "key-a", pixels[:10], labels[:10])
-    assert data._read_cache(path, "key-a") is None
+    path = datasets._cache_path("key-a")
+    datasets._write_cache(path, "key-a", pixels, labels)
+    assert datasets._read_cache(path, "key-a") is not None
+    assert datasets._read_cache(path, "key-b") is None
+    datasets._write_cache(path, "key-a", pixels[:10], labels[:10])
+    assert datasets._read_cache(path, "key-a") is None
     assert [p.name for p in cache_home.iterdir()] == [os.path.basename(path)]
 
 
@@ -418,42 +419,102 @@ def test_shard_range_validates(args):
         data.shard_range(*args)
 
 
-def test_to_float():
-    images = np.array([[[0, 255], [51, 102]]], dtype=np.uint8)
-    out = data.to_float(images, np.float32)
-    assert out.shape == (1, 2, 2, 1) and out.dtype == np.float32
-    np.testing.assert_allclose(out[0, :, :, 0], [[0, 1], [0.2, 0.4]], rtol=1e-7)
-    with pytest.raises(ValueError):
-        data.to_float(images.astype(np.int64))
+def test_split_gives_pixels_the_model_sees_in_0_1(synthetic):
+    for split, images, labels in (("train", synthetic.train_images, synthetic.train_labels),
+                                  ("test", synthetic.test_images, synthetic.test_labels)):
+        for n in (1, 7, None):
+            part = synthetic.split(split, n)
+            k = n or len(labels)
+            assert part.pixels and part.n == k and part.x.shape == (k, 28, 28, 1) and part.x.dtype == np.uint8
+            np.testing.assert_array_equal(part.x[..., 0], images[:k])
+            np.testing.assert_array_equal(part.y, labels[:k])
+            features = part.features()
+            assert features.dtype == np.float64 and 0.0 <= features.min() and features.max() <= 1.0
+            np.testing.assert_array_equal(np.rint(features[..., 0] * 255), images[:k])
+    raw = data.Data(np.array([[[0, 255], [51, 102]]], dtype=np.uint8)[..., None], np.array([3]), pixels=True)
+    np.testing.assert_allclose(raw.features()[0, :, :, 0], [[0, 1], [0.2, 0.4]], rtol=1e-15)
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_select_shards_concatenate_to_whole(synthetic, split, dtype):
-    ds = synthetic
-    for n_samples in [1, 7, 100, None]:
-        whole_x, whole_y = data.select(ds, n_samples, 1, 0, dtype=dtype, split=split)
-        n = whole_y.size
-        assert whole_x.shape == (n, 28, 28, 1) and whole_x.dtype == dtype
-        assert whole_y.dtype == np.int64
-        assert 0.0 <= whole_x.min() and whole_x.max() <= 1.0
-        for size in (1, 2, 3, 8):
-            parts = [
-                data.select(ds, n_samples, size, r, dtype=dtype, split=split) for r in range(size)
-            ]
-            np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), whole_x)
-            np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), whole_y)
-    images = ds.train_images if split == "train" else ds.test_images
-    first_five = data.select(ds, 5, 1, 0, split=split)[0][..., 0]
-    np.testing.assert_array_equal(np.rint(first_five * 255), images[:5])
+def test_rows_of_every_rank_concatenate_to_the_whole(synthetic):
+    whole = synthetic.split("train", 100)
+    for size in (1, 2, 3, 8):
+        parts = [whole.rows(*data.shard_range(whole.n, size, r)) for r in range(size)]
+        np.testing.assert_array_equal(np.concatenate([p.x for p in parts]), whole.x)
+        np.testing.assert_array_equal(np.concatenate([p.y for p in parts]), whole.y)
+    picked = whole.take(np.array([5, 2, 9]))
+    np.testing.assert_array_equal(picked.x, whole.x[[5, 2, 9]])
+    assert whole.take(np.array([], dtype=np.int64)).n == 0
 
 
-def test_select_validates_n_samples(synthetic):
-    ds = synthetic
+def test_split_validates_n_samples(synthetic):
     for bad in (0, -3, 2001):
-        with pytest.raises(DataError, match="2000 train samples"):
-            data.select(ds, bad, 1, 0)
+        with pytest.raises(DataError, match="2,000 train samples"):
+            synthetic.split("train", bad)
     with pytest.raises(DataError, match="500 test samples"):
-        data.select(ds, 501, 1, 0, split="test")
+        synthetic.split("test", 501)
     with pytest.raises(ValueError):
-        data.select(ds, 10, 1, 0, split="validation")
+        synthetic.split("validation", 10)
+
+
+# ---------------------------------------------------------------- arrays and .npz
+
+
+@pytest.mark.parametrize("x, y, message", [
+    (np.zeros((3, 2)), np.zeros(4), "3 rows of x and 4 of y"),
+    ((np.zeros((3, 2)), np.zeros((2, 5))), np.zeros(3), "3 and 2 rows of x"),
+    (np.zeros((0, 2)), np.zeros(0), "no samples"),
+    (np.array([[1.0, np.nan]]), np.zeros(1), "x holds NaN or infinite values"),
+    (np.zeros((2, 2)), np.array([0.0, np.inf]), "y holds NaN or infinite values"),
+    (np.array([["a"], ["b"]]), np.zeros(2), "x must be numeric"),
+    (np.float64(3.0), np.zeros(1), "one row per sample"),
+])
+def test_bad_arrays_are_clear_errors(x, y, message):
+    with pytest.raises(DataError, match=message):
+        data.Data(x, y)
+
+
+def test_arrays_of_any_shape_and_several_inputs():
+    tokens = np.arange(12).reshape(4, 3)
+    pair = data.Data({"a": np.zeros((4, 2, 2)), "b": tokens}, np.ones((4, 5), dtype=np.float32))
+    rows = pair.rows(1, 3)
+    assert rows.n == 2 and rows.x["b"].tolist() == tokens[1:3].tolist() and rows.y.shape == (2, 5)
+    assert data.as_samples((np.zeros((9, 3)), np.zeros(9)), 4).n == 4
+    with pytest.raises(DataError, match="--n-samples 10 is out of range: arrays has 9 samples"):
+        data.as_samples((np.zeros((9, 3)), np.zeros(9)), 10)
+    with pytest.raises(DataError, match="an \\(x, y\\) pair"):
+        data.as_samples(np.zeros(3))
+
+
+def test_load_npz_uses_keras_keys_and_names_what_is_missing(tmp_path):
+    path = str(tmp_path / "d.npz")
+    np.savez(path, x_train=np.zeros((5, 3)), y_train=np.arange(5), x_test=np.ones((2, 3)), y_test=np.arange(2))
+    train, test = data.load_npz(path), data.load_npz(path, "test")
+    assert (train.n, test.n, train.name) == (5, 2, path) and not train.pixels
+    np.savez(path, x=np.zeros((5, 3)), y_train=np.arange(5))
+    with pytest.raises(DataError, match="no key x_train \\(it has x, y_train\\)"):
+        data.load_npz(path)
+    np.savez(path, x_train=np.zeros((5, 3)), y_train=np.arange(4))
+    with pytest.raises(DataError, match=f"--data {path} \\(train\\): x and y must have one row per sample"):
+        data.load_npz(path)
+    with pytest.raises(DataError, match="no such file"):
+        data.load_npz(str(tmp_path / "none.npz"))
+    (tmp_path / "bad.npz").write_text("not an npz")
+    with pytest.raises(DataError, match="not a readable .npz file"):
+        data.load_npz(str(tmp_path / "bad.npz"))
+
+
+def test_mnist_without_data_dir_uses_keras_cache(tmp_path, monkeypatch):
+    """What tf.keras.datasets.mnist.load_data() leaves in ~/.keras/datasets (here under a
+    KERAS_HOME of the test's own) is read when --data-dir is not given."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    with pytest.raises(DataError, match="mnist.npz"):
+        data.load("mnist")
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "datasets")
+    arrays = {"x_train": rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), "y_train": np.arange(12) % 10,
+              "x_test": rng.integers(0, 256, (4, 28, 28), dtype=np.uint8), "y_test": np.arange(4) % 10}
+    np.savez(tmp_path / "datasets" / "mnist.npz", **arrays)
+    ds = data.load("mnist")
+    assert (ds.name, ds.n_train, ds.n_test) == ("mnist", 12, 4)
+    np.testing.assert_array_equal(ds.train_images, arrays["x_train"])
+    assert ds.train_labels.dtype == np.int64

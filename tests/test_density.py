@@ -16,19 +16,17 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-import petsc4py
+from hessmpi import runtime
 
-petsc4py.init()
-import slepc4py  # noqa: E402
-
-slepc4py.init()
-
-from hessmpi import runtime  # noqa: E402
-
+runtime.init_petsc()
 runtime.configure_threads(1)
 
-from hessmpi import curvature, data, density, models, operator, petsc, results, trace, uncertainty  # noqa: E402
+import hessmpi  # noqa: E402
+from hessmpi import data, results  # noqa: E402
+from hessmpi.curvature import petsc  # noqa: E402
 from hessmpi.errors import DataError  # noqa: E402
+from hessmpi.solvers import errorbars, trace  # noqa: E402
+from hessmpi.solvers import slq as density  # noqa: E402
 
 import cases  # noqa: E402
 from mpi_util import collective_assert, comm, run_mpi  # noqa: E402
@@ -279,14 +277,10 @@ def test_softmax_at_zero_on_real_digits(digits):
     """The 7,840-parameter Hessian at W = 0: H = C ⊗ A with C = XᵀX/N, A = diag(p) − ppᵀ,
     so tr(Hᵏ) = tr(Cᵏ)·tr(Aᵏ) and the exact standard errors follow from C and A."""
     N, probes, steps = 60, 8, 6
-    images, labels = data.select(digits, N, COMM.size, COMM.rank)
-    X = data.select(digits, N, 1, 0)[0].reshape(N, -1)
+    X = digits.train_images[:N].reshape(N, -1) / 255.0
     C = X.T @ X / N
     A = 0.1 * np.eye(10) - 0.01
-    model = models.get_model("softmax")
-    curv = curvature.LocalCurvature(model, images, labels)
-    curv.set_params(model.init())
-    shell = Shell(operator.hessian_operator(curv, N, COMM))
+    shell = Shell(hessmpi.Hessian("softmax", digits.split("train", N), comm=COMM))
     try:
         q = shell.slq(probes, steps)
         pp = trace.hutchpp(shell.mat, 30, SEED)
@@ -355,10 +349,8 @@ def test_error_bars_match_closed_form_group_quotients(softmax_samples, n_groups)
     lam, U = built.eigenvalues, built.eigenvectors
     vectors = np.vstack([U[:, [-1, -2, 0]].T, np.random.default_rng(7).standard_normal(len(lam))])
     N = len(built.labels)
-    lo, hi = data.shard_range(N, COMM.size, COMM.rank)
-    curv = curvature.LocalCurvature(built.model, built.images[lo:hi], built.labels[lo:hi], micro_batch=2)
-    curv.set_params(built.theta)
-    got = uncertainty.rayleigh_spread(curv.hvp, vectors, (lo, hi), N, COMM, n_groups)
+    problem = cases.problem(built, COMM, micro_batch=2)
+    got = errorbars.rayleigh_spread(problem.curvature.hvp, vectors, problem.shard, N, COMM, n_groups)
     G = n_groups or COMM.size
     r, mean, se, half = expected_spread(built, vectors, G)
     scale = np.abs(lam).max()
@@ -393,17 +385,14 @@ def test_density_script_on_two_ranks_equals_one_rank_and_resmooths(tmp_path):
     np.savez(weights, params=theta)
     proc = run_density(2, *FLAGS, "--weights", weights, "--out", two)
     b, attrs = results.read(two, "density")
-    assert os.path.isfile(str(tmp_path / "two.png")) and proc.stdout.count("hessmpi 0.1.0") == 1
+    assert os.path.isfile(str(tmp_path / "two.png")) and proc.stdout.count(f"hessmpi {hessmpi.__version__}") == 1
     assert attrs["n_ranks"] == 2 and attrs["n_matvecs"] == 3 * 12 + 9 and attrs["operator"] == "hessian"
     assert attrs["probes"] == 3 and attrs["lanczos_steps"] == 12 and attrs["operator_size"] == 7840
     np.testing.assert_array_equal(b["model/params"], theta)
 
     # the same quadrature on one rank, here, through the library
-    from hessmpi.problem import Problem
-
-    alone = Problem(models.get_model("softmax"), data.load("mnist-5k"), 100, MPI.COMM_SELF)
-    alone.set_params(theta)
-    shell = Shell(alone.hessian)
+    alone = hessmpi.Hessian("softmax", "mnist-5k", n_samples=100, params=theta, comm=MPI.COMM_SELF)
+    shell = Shell(alone)
     try:
         q1 = shell.slq(probes=3, steps=12, seed=0)
         pp = trace.hutchpp(shell.mat, 9, 0)

@@ -1,4 +1,4 @@
-"""Tests of hessmpi.eigen: SLEPc solves of the shell matrix against numpy's eigvalsh
+"""Tests of hessmpi.solvers.eigen: SLEPc solves of the shell matrix against numpy's eigvalsh
 of dense Hessians, every copy of repeated eigenvalues, and independence of the
 rank count. Runs at any rank count; assertions are collective.
 """
@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-import petsc4py
+from hessmpi import runtime
 
-petsc4py.init()
-
-from hessmpi import runtime  # noqa: E402
-
+runtime.init_petsc()
 runtime.configure_threads(1)
 
-from hessmpi import curvature, data, eigen, models, operator, petsc  # noqa: E402
+import hessmpi  # noqa: E402
+from hessmpi import data  # noqa: E402
+from hessmpi.curvature import petsc  # noqa: E402
 from hessmpi.errors import DataError, HessmpiError  # noqa: E402
+from hessmpi.solvers import eigen  # noqa: E402
 
 import cases  # noqa: E402
 from cases import degenerate  # noqa: E402,F401 (a shared fixture)
@@ -131,15 +131,11 @@ def test_repeated_eigenvalues_of_softmax_at_zero_are_all_returned():
     except DataError as e:  # the same on every rank
         pytest.skip(str(e))
     N, nev = case["n_samples"], case["nev"]
-    images, labels = data.select(digits, N, COMM.size, COMM.rank)
-    X = data.select(digits, N, 1, 0)[0].reshape(N, -1)
+    X = digits.train_images[:N].reshape(N, -1) / 255.0
     mu = np.linalg.eigvalsh(X.T @ X / N)[::-1]
     expected = 0.1 * np.repeat(mu[:2], case["copies"])
 
-    model = models.get_model("softmax")
-    curv = curvature.LocalCurvature(model, images, labels)
-    curv.set_params(model.init())
-    solver = Solver(operator.hessian_operator(curv, N, COMM))
+    solver = Solver(hessmpi.Hessian("softmax", digits.split("train", N), comm=COMM))
     try:
         r = solver.solve(nev, "largest")
     finally:

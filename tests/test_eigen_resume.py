@@ -1,14 +1,15 @@
-"""Proposed for tests/test_eigen.py: a solve resumed from any pass's Progress equals the
+"""A solve resumed from any pass's Progress equals the
 uninterrupted solve, and max_passes=1 skips the check pass."""
 
 import numpy as np
 import pytest
 
-import petsc4py
+from hessmpi import runtime
 
-petsc4py.init()
+runtime.init_petsc()
 
-from hessmpi import eigen, petsc  # noqa: E402
+from hessmpi.curvature import petsc  # noqa: E402
+from hessmpi.solvers import eigen  # noqa: E402
 
 from cases import degenerate  # noqa: E402,F401 (a shared fixture: 5 copies of 5, 3 of 3, then distinct values)
 from mpi_util import collective_assert, comm  # noqa: E402

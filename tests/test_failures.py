@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from hessmpi import results
-from mpi_util import MPI_ENV, run_mpi
+from mpi_util import MPI_ENV, descendants, run_mpi
 
 pytestmark = pytest.mark.serial
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,8 +92,9 @@ def run(nprocs, args, tmp, timeout=EXIT_BOUND * 4):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """The bad (and one good) data folders and weights files of the cases."""
+    """The bad (and one good) data folders, weights, data and model files of the cases."""
     tmp = str(tmp_path_factory.mktemp("bad-inputs"))
+    write_user_files(tmp)
     np.savez(os.path.join(tmp, "short.npz"), params=np.zeros(100))
     np.savez(os.path.join(tmp, "nokey.npz"), theta=np.zeros(7840))
     np.savez(os.path.join(tmp, "nan.npz"), params=np.where(np.arange(7840) == 17, np.nan, 0.0))
@@ -109,10 +110,46 @@ def files(tmp_path_factory):
     }
 
 
+def write_user_files(tmp):
+    """A user's inputs gone wrong: .npz data files and saved Keras models (a classifier of 3
+    classes on 6 features, the same uncompiled, and one whose layers are all frozen)."""
+    from hessmpi import runtime
+
+    keras = runtime.import_keras()
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((20, 6)), np.arange(20) % 3
+    np.savez(os.path.join(tmp, "good.npz"), x_train=x, y_train=y)
+    np.savez(os.path.join(tmp, "nox.npz"), x=x, y_train=y)
+    np.savez(os.path.join(tmp, "lengths.npz"), x_train=x, y_train=y[:19])
+    np.savez(os.path.join(tmp, "nandata.npz"), x_train=np.where(x > 2, np.nan, x), y_train=y)
+    np.savez(os.path.join(tmp, "wideinputs.npz"), x_train=rng.standard_normal((20, 7)), y_train=y)
+    np.savez(os.path.join(tmp, "labels.npz"), x_train=x, y_train=np.arange(20) % 5)
+    with open(os.path.join(tmp, "notkeras.keras"), "w") as f:
+        f.write("not a model")
+
+    def mlp(compiled=True, trainable=True):
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(3)])
+        model.trainable = trainable
+        if compiled:
+            model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    mlp().save(os.path.join(tmp, "mlp.keras"))
+    mlp(compiled=False).save(os.path.join(tmp, "raw.keras"))
+    mlp(trainable=False).save(os.path.join(tmp, "frozen.keras"))
+
+
 # (name, script, flags, message): {name} in flags is a file of the `files` fixture. Later
 # flags win in argparse, so a case's own flags override the defaults run_case puts first.
 BAD_INPUTS = [
-    ("unknown model", "spectrum", ["--model", "mlp"], "invalid choice: 'mlp'"),
+    ("unknown model", "spectrum", ["--model", "mlp"], "unknown model 'mlp'"),
+    ("missing model file", "spectrum", ["--model", "{tmp}/none.keras"], "none.keras: no such file"),
+    ("model file that is not a Keras model", "spectrum", ["--model", "{tmp}/notkeras.keras"],
+     "notkeras.keras: not a Keras model file"),
+    ("npz without x_train", "spectrum", ["--data", "{tmp}/nox.npz"], "no key x_train (it has x, y_train)"),
+    ("npz whose x and y differ in length", "spectrum", ["--data", "{tmp}/lengths.npz"],
+     "20 rows of x and 19 of y"),
+    ("non-finite data", "spectrum", ["--data", "{tmp}/nandata.npz"], "x holds NaN or infinite values"),
     ("unknown dataset", "spectrum", ["--dataset", "cifar"], "invalid choice: 'cifar'"),
     ("missing data dir", "spectrum", ["--dataset", "mnist", "--data-dir", "{tmp}/nope"], "does not exist"),
     ("truncated IDX", "spectrum", ["--dataset", "mnist", "--data-dir", "{trunc}"], "needs 15680 data bytes"),
@@ -152,11 +189,30 @@ BAD_INPUTS = [
 ]
 
 
+# Inputs that only the model can judge: TensorFlow has started when they are found, but the
+# outcome is the same (one message, exit 2 on every rank, nothing written).
+BAD_MODEL_INPUTS = [
+    ("model input shape does not fit the data", ["--model", "{tmp}/mlp.keras", "--data", "{tmp}/wideinputs.npz"],
+     "the model '{tmp}/mlp.keras' cannot take the data's inputs of shape (7,) per sample"),
+    ("labels out of range for the model's outputs", ["--model", "{tmp}/mlp.keras", "--data", "{tmp}/labels.npz"],
+     "labels must be in 0..2 for the model's 3 outputs, found 0..4"),
+    ("unknown loss name", ["--model", "{tmp}/raw.keras", "--data", "{tmp}/good.npz", "--loss", "crossentropyy"],
+     "unknown loss 'crossentropyy'"),
+    ("a model compiled without a loss", ["--model", "{tmp}/raw.keras", "--data", "{tmp}/good.npz"],
+     "the model was not compiled with a loss"),
+    ("a model without trainable variables", ["--model", "{tmp}/frozen.keras", "--data", "{tmp}/good.npz"],
+     "has no trainable variables"),
+    ("weights of the wrong length for a Keras model", ["--model", "{tmp}/mlp.keras", "--data", "{tmp}/good.npz",
+                                                      "--weights", "{tmp}/short.npz"],
+     "holds 100 values but the model has 43"),
+]
+
+
 def run_case(nprocs, script, flags, out, tmp):
     return run(nprocs, [os.path.join(SCRIPTS, f"{script}.py"), "--n-samples", "20", "--out", out, *flags], tmp)
 
 
-def check_rejected(run_result, message, out, before=None):
+def check_rejected(run_result, message, out, before=None, tensorflow_ok=False):
     """The problems of a run that should have rejected its input (empty if none)."""
     proc, seconds, tensorflow = run_result
     text = proc.stderr
@@ -167,7 +223,7 @@ def check_rejected(run_result, message, out, before=None):
         problems.append(f"message {message!r} not printed once: {text[-1500:]!r}")
     if "Traceback" in text:
         problems.append("traceback printed")
-    if tensorflow:
+    if tensorflow and not tensorflow_ok:
         problems.append("TensorFlow was started before the input was checked")
     if before is None and os.path.exists(out):
         problems.append("output file created")
@@ -190,6 +246,16 @@ def test_bad_input_gives_one_message_fast_and_no_file(files, tmp_path, name, scr
     assert not problems, f"{name}: " + "; ".join(problems)
 
 
+@pytest.mark.parametrize("name, flags, message", BAD_MODEL_INPUTS, ids=[c[0] for c in BAD_MODEL_INPUTS])
+def test_bad_input_for_the_model_gives_one_message_and_no_file(files, tmp_path, name, flags, message):
+    flags = [f.format(**files) for f in flags]
+    out = str(tmp_path / "out.h5")
+    result = run_case(1, "spectrum", flags, out, str(tmp_path))
+    print(f"{name}: exit {result[0].returncode} in {result[1]:.1f} s")
+    problems = check_rejected(result, message.format(**files), out, tensorflow_ok=True)
+    assert not problems, f"{name}: " + "; ".join(problems)
+
+
 def test_bad_input_under_mpirun_prints_once_and_every_rank_exits(files, tmp_path):
     out = tmp_path / "s.h5"
     out.write_bytes(b"previous results")
@@ -201,6 +267,11 @@ def test_bad_input_under_mpirun_prints_once_and_every_rank_exits(files, tmp_path
                       str(tmp_path / "t.h5"), str(tmp_path))
     print(f"truncated IDX under mpirun -n 2: exit {result[0].returncode} in {result[1]:.1f} s")
     problems = check_rejected(result, "needs 15680 data bytes", str(tmp_path / "t.h5"))
+    assert not problems, problems
+    name, flags, message = BAD_MODEL_INPUTS[1]  # found once the model is loaded, on every rank alike
+    result = run_case(2, "spectrum", [f.format(**files) for f in flags], str(tmp_path / "m.h5"), str(tmp_path))
+    print(f"{name} under mpirun -n 2: exit {result[0].returncode} in {result[1]:.1f} s")
+    problems = check_rejected(result, message, str(tmp_path / "m.h5"), tensorflow_ok=True)
     assert not problems, problems
 
 
@@ -266,25 +337,6 @@ def test_an_error_on_one_rank_ends_the_job_with_that_ranks_message(tmp_path):
     assert "[rank 1] error: shard 1 is corrupt" in proc.stderr
 
 
-def _descendants(pid):
-    children = {}
-    for stat in os.listdir("/proc"):
-        if stat.isdigit():
-            try:
-                with open(f"/proc/{stat}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(stat))
-            except (OSError, ValueError):
-                pass
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for c in children.get(p, []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def test_a_rank_killed_mid_solve_ends_the_job_and_keeps_old_results_and_checkpoint(tmp_path):
     """SIGKILL to one rank once the solve has saved its first pass: the job ends within
     seconds, the previous results file is unchanged and the checkpoint holds that pass."""
@@ -302,7 +354,7 @@ def test_a_rank_killed_mid_solve_ends_the_job_and_keeps_old_results_and_checkpoi
             seen.append(line)
             if "checkpoint: 1 pass(es) saved" in line:
                 break
-        ranks = [p for p in _descendants(proc.pid)
+        ranks = [p for p in descendants(proc.pid)
                  if SPECTRUM in open(f"/proc/{p}/cmdline").read().replace("\0", " ")]
         assert ranks, "no rank processes found:\n" + "".join(seen)
         t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Tests of the training methods (hessmpi.newton, lrsfn, first_order) and the regularizers
+"""Tests of the training methods (hessmpi.optim: newton, lrsfn, first_order) and the regularizers
 they use, against dense references built independently on tiny models, numpy and scipy.
 
 Runs at any rank count: every rank builds the same reference on the full data and the
@@ -8,22 +8,21 @@ method on its own shard; assertions are collective.
 import numpy as np
 import pytest
 
-import petsc4py
+from hessmpi import runtime
 
-petsc4py.init()
-
-from hessmpi import runtime  # noqa: E402
-
+runtime.init_petsc()
 runtime.configure_threads(1)
 tf = runtime.import_tensorflow()
 
-from hessmpi import curvature, data, models, operator, regularize, training  # noqa: E402
-from hessmpi.first_order import KerasOptimizer  # noqa: E402
-from hessmpi.lrsfn import LowRankSaddleFreeNewton  # noqa: E402
-from hessmpi.newton import NewtonCG, reason_name  # noqa: E402
-from hessmpi.problem import Problem  # noqa: E402
+import hessmpi  # noqa: E402
+from hessmpi.curvature import regularizers as regularize  # noqa: E402
+from hessmpi.optim import training  # noqa: E402
+from hessmpi.optim.first_order import KerasOptimizer  # noqa: E402
+from hessmpi.optim.lrsfn import LowRankSaddleFreeNewton  # noqa: E402
+from hessmpi.optim.newton import NewtonCG, reason_name  # noqa: E402
 
 import cases  # noqa: E402
+import reference_models  # noqa: E402
 from mpi_util import collective_assert, comm  # noqa: E402
 
 COMM = comm()
@@ -33,28 +32,10 @@ CNN_CASE = {"id": "cnn-N11", "model": cases.CNN_TINY, "seed": 42, "noise": 0.3, 
             "n_samples": 11}
 
 
-class ArrayProblem:
-    """problem.Problem's interface over in-memory arrays, each rank holding its block
-    (tiny models, whose images are not 28×28)."""
-
-    def __init__(self, model, images, labels, comm=COMM):
-        n = len(labels)
-        lo, hi = data.shard_range(n, comm.Get_size(), comm.Get_rank())
-        self.model, self.comm, self.n_samples, self.n_params = model, comm, n, model.n_params
-        self.curvature = curvature.LocalCurvature(model, images[lo:hi], labels[lo:hi])
-        self.hessian = operator.hessian_operator(self.curvature, n, comm)
-        self.images, self.labels = images[lo:hi], labels[lo:hi]
-
-    def set_params(self, theta):
-        self.curvature.set_params(theta)
-
-    def loss_grad(self):
-        loss, grad = self.curvature.loss_grad()
-        return (operator.sum_over_ranks(self.comm, loss) / self.n_samples,
-                operator.sum_over_ranks(self.comm, grad) / self.n_samples)
-
-    def train_accuracy(self):
-        return operator.sum_over_ranks(self.comm, self.curvature.n_correct()) / self.n_samples
+def array_problem(built, comm=COMM):
+    """The Problem of a case's arrays (tiny models, whose images are not 28×28), each rank of
+    comm holding its block."""
+    return cases.problem(built, comm)
 
 
 # ---------------------------------------------------------------- independent references
@@ -87,7 +68,7 @@ def dense_objective(model, theta, images, labels, gamma, R, hessian=True):
     x, y = tf.constant(images), tf.constant(labels)
     with tf.GradientTape() as tape:
         tape.watch(th)
-        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=model.logits(th, x)))
+        loss = reference_models.loss_sum(model.kind, model.config, th, x, y) / len(labels)
     g = tape.gradient(loss, th).numpy() + gamma * R @ theta
     H = cases.dense_hessian(model, theta, images, labels) + gamma * R if hessian else None
     return float(loss) + 0.5 * gamma * theta @ R @ theta, g, H
@@ -97,10 +78,10 @@ _DATA_HESSIANS = {}
 
 
 def setup(case, kind="l2", gamma=0.0, hessian=True):
-    """The case built, its ArrayProblem and Objective, and the dense F, ∇F, ∇²F (if hessian)
+    """The case built, its Problem and Objective, and the dense F, ∇F, ∇²F (if hessian)
     at θ (the data Hessian is computed once per case: the CNN's costs seconds)."""
     built = cases.build(case, dense=False)
-    problem = ArrayProblem(built.model, built.images, built.labels)
+    problem = array_problem(built)
     objective = training.Objective(problem, kind, gamma, training.Cost())
     R = regularize.dense_matrix(kind, built.model)
     F, g, _ = dense_objective(built.model, built.theta, built.images, built.labels, gamma, R, hessian=False)
@@ -140,38 +121,30 @@ def truncated_cg(H, b, tol, max_it):
 
 @pytest.mark.parametrize("kind", regularize.REGULARIZERS)
 def test_regularizer_matrix_is_the_autodiff_hessian_of_its_penalty(kind):
-    model = models.get_model("softmax", image_size=4)
+    model = cases.build_model(cases.SOFTMAX_TINY)
     theta = np.random.default_rng(1).standard_normal(model.n_params)
     value_ok = True
     if kind == "laplacian":  # the TF penalty is the lead's numpy penalty
         value = float(tf_penalty(kind, tf.constant(theta), 4))
         value_ok = abs(value - regularize.laplacian_penalty(theta, side=4)) <= 1e-12 * abs(value)
     reference = penalty_hessian(kind, model)
-    op = operator.DistributedOperator(lambda v: v, model.n_params, 1.0, COMM)  # for the layout only
-    R = regularize.petsc_matrix(kind, model, op.lo, op.hi, COMM)
-    x, y = R.createVecs()
-    columns = []
-    for e in np.eye(model.n_params):
-        x.getArray()[:] = e[op.lo:op.hi]
-        R.mult(x, y)
-        columns.append(op.gather(y.getArray(readonly=True)).copy())
-    err = cases.rel_error(np.column_stack(columns), reference)
+    columns = regularize.operator(kind, model, COMM) @ np.eye(model.n_params)
+    err = cases.rel_error(columns, reference)
     dense_err = cases.rel_error(regularize.dense_matrix(kind, model), reference)
     collective_assert(value_ok and err <= 1e-13 and dense_err <= 1e-13,
-                      f"{kind}: penalty value ok {value_ok}, ‖R_petsc − ∇²‖/‖∇²‖ = {err:.1e}, dense {dense_err:.1e}")
+                      f"{kind}: penalty value ok {value_ok}, ‖R_op − ∇²‖/‖∇²‖ = {err:.1e}, dense {dense_err:.1e}")
 
 
 def test_full_size_laplacian_product_is_the_autodiff_hvp():
     """R·v on the 28×28 softmax model against the TF gradient of v ↦ ½vᵀRv (= Rv)."""
-    model = models.get_model("softmax")
+    model = cases.build_model(cases.FULL_MODELS[0])
     v = np.random.default_rng(2).standard_normal(model.n_params)
     th = tf.constant(v)
     with tf.GradientTape() as tape:
         tape.watch(th)
         value = tf_penalty("laplacian", th, 28)
     reference = tape.gradient(value, th).numpy()
-    problem = type("P", (), {})()
-    problem.hessian = operator.DistributedOperator(lambda x: x, model.n_params, 1.0, COMM)
+    problem = type("P", (), {})()  # the objective's penalty needs the model and the ranks only
     problem.model, problem.comm = model, COMM
     objective = training.Objective(problem, "laplacian", 1.0, training.Cost())
     pen, rv = objective.penalty(v)
@@ -214,7 +187,7 @@ def dense_ggn(model, theta, images):
     def jacobian(th):
         with tf.GradientTape() as tape:
             tape.watch(th)
-            z = model.logits(th, x)
+            z = reference_models.logits(model.kind, model.config, th, x)
         return z, tape.jacobian(z, th, experimental_use_pfor=False)
 
     z, J = (t.numpy() for t in jacobian(tf.constant(theta)))
@@ -236,7 +209,7 @@ def test_gauss_newton_and_subsampled_directions_equal_dense_solves():
 
     built, problem, objective, F, g, _ = setup(SOFTMAX_CASE, "l2", gamma, hessian=False)
     n = len(built.labels)
-    batches = training.LocalBatches(built.model, problem.images, problem.labels, n, COMM)
+    batches = training.LocalBatches(problem)
     newton = NewtonCG(objective, eta_max=1e-13, batches=batches, hessian_batch=5, seed=9)
     d, info_b = newton.direction(built.theta, g, iteration=3)
     newton.destroy()
@@ -258,7 +231,7 @@ def test_subsampled_newton_step_equals_dense_solve(damping):
     gamma, m, seed, iteration = 0.05, 5, 9, 2
     built, problem, objective, F, g, _ = setup(SOFTMAX_CASE, "l2", gamma, hessian=False)
     n, R = len(built.labels), np.eye(160)
-    batches = training.LocalBatches(built.model, problem.images, problem.labels, n, COMM)
+    batches = training.LocalBatches(problem)
     newton = NewtonCG(objective, eta_max=1e-13, batches=batches, hessian_batch=m, seed=seed, damping=damping)
     theta_new, info = newton.step(built.theta, iteration)
     newton.destroy()
@@ -285,12 +258,11 @@ def histories_here_and_on_one_rank(make_newton, iterations):
     from mpi4py import MPI
 
     built = cases.build(SOFTMAX_CASE, dense=False)
-    n = len(built.labels)
     runs = []
     for comm_ in (COMM, MPI.COMM_SELF):
-        problem = ArrayProblem(built.model, built.images, built.labels, comm_)
+        problem = array_problem(built, comm_)
         objective = training.Objective(problem, "l2", 0.05, training.Cost())
-        batches = training.LocalBatches(built.model, problem.images, problem.labels, n, comm_)
+        batches = training.LocalBatches(problem)
         newton = make_newton(objective, batches)
         history = training.History()
         theta, why = training.run(newton, objective, built.theta, history, iterations)
@@ -326,7 +298,7 @@ def test_growing_sample_newton_step_equals_dense_solve(hessian_batch):
     gamma, damping, seed, iteration, n_k = 0.05, 0.02, 3, 1, 8
     built, problem, objective, _, _, _ = setup(SOFTMAX_CASE, "l2", gamma, hessian=False)
     n, R = len(built.labels), np.eye(160)
-    batches = training.LocalBatches(built.model, problem.images, problem.labels, n, COMM)
+    batches = training.LocalBatches(problem)
     newton = NewtonCG(objective, eta_max=1e-13, batches=batches, hessian_batch=hessian_batch, seed=seed,
                       damping=damping, grow_from=4, grow_factor=2.0)
     sizes = [newton.sample_size(k) for k in range(4)]
@@ -371,9 +343,9 @@ def test_growing_sample_history_is_the_same_on_every_rank_count():
 
 def test_growing_sample_refuses_bad_settings():
     built = cases.build(SOFTMAX_CASE, dense=False)
-    problem = ArrayProblem(built.model, built.images, built.labels)
+    problem = array_problem(built)
     objective = training.Objective(problem, "l2", 0.1, training.Cost())
-    batches = training.LocalBatches(built.model, problem.images, problem.labels, len(built.labels), COMM)
+    batches = training.LocalBatches(problem)
     errors = []
     for kwargs, message in (({"grow_from": 0}, "--grow-from must be between 1 and the 13 training samples"),
                             ({"grow_from": 14}, "--grow-from must be between 1 and the 13 training samples"),
@@ -397,7 +369,7 @@ def test_kronecker_preconditioner_is_the_inverse_of_its_dense_matrix(kind):
     gamma, sigma, m, seed = 0.05, 0.02, 6, 3
     built, problem, objective, F, g, _ = setup(SOFTMAX_CASE, kind, gamma, hessian=False)
     n, model = len(built.labels), built.model
-    batches = training.LocalBatches(model, problem.images, problem.labels, n, COMM)
+    batches = training.LocalBatches(problem)
     newton = NewtonCG(objective, batches=batches, hessian_batch=m, seed=seed, damping=sigma,
                       preconditioner="kronecker")
     newton.data_curvature(built.theta, 0)
@@ -413,7 +385,7 @@ def test_kronecker_preconditioner_is_the_inverse_of_its_dense_matrix(kind):
     x, y = newton.mat.createVecs()
     x.getArray()[:] = v[newton.op.lo:newton.op.hi]
     newton.ksp.getPC().apply(x, y)
-    err = cases.rel_error(newton.op.hessian.gather(y.getArray(readonly=True)).copy(), np.linalg.solve(P, v))
+    err = cases.rel_error(newton.op.gather(y.getArray(readonly=True)).copy(), np.linalg.solve(P, v))
     cost = objective.cost.sweeps  # S once (1 sweep) and the subsample's probabilities (m/n)
     newton.destroy()
 
@@ -501,18 +473,18 @@ def test_softmax_newton_reaches_the_scipy_optimum(case):
     import scipy.optimize
 
     kind, gamma, n, side = case["kind"], case["gamma"], case["n"], case.get("side", 28)
-    model = models.get_model("softmax", image_size=side)
+    model = cases.build_model({"name": "softmax", "config": {"image_size": side}})
     if side == 28:
-        ds = data.load("mnist-5k")
-        problem = Problem(model, ds, n, COMM)
-        X, y = data.select(ds, n, 1, 0)
+        samples = hessmpi.load_dataset("mnist-5k", n_samples=n)
+        X, y = samples.features(), samples.y
     else:
         X, y = cases.random_data(model, n, seed=44)
-        problem = ArrayProblem(model, X, y)
+        samples = hessmpi.Data(X, y)
+    problem = hessmpi.Hessian(model, samples, comm=COMM).problem
     objective = training.Objective(problem, kind, gamma, training.Cost())
     newton = NewtonCG(objective)
     history = training.History()
-    theta, why = training.run(newton, objective, model.init(0), history, 15, gtol=1e-10)
+    theta, why = training.run(newton, objective, cases.init(model, 0), history, 15, gtol=1e-10)
     newton.destroy()
     f = numpy_objective(X.reshape(n, -1), y, gamma, kind, side)
     ref = scipy.optimize.minimize(f, np.zeros(model.n_params), jac=True, method="L-BFGS-B",
@@ -538,7 +510,7 @@ def test_lrsfn_step_equals_the_dense_formula(case, hessian_batch):
     gamma, rank, damping, lr, seed = 0.01, 4, 0.1, 0.5, 3
     built, problem, objective, F, g, H = setup(case, "l2", gamma)
     n = len(built.labels)
-    batches = training.LocalBatches(built.model, problem.images, problem.labels, n, COMM)
+    batches = training.LocalBatches(problem)
     method = LowRankSaddleFreeNewton(objective, batches, seed, rank=rank, batch_size=7,
                                      hessian_batch=hessian_batch, damping=damping, learning_rate=lr, tol=1e-12)
     iteration = 2
@@ -570,7 +542,7 @@ def test_lrsfn_step_equals_the_dense_formula(case, hessian_batch):
 def test_sgd_and_adam_steps_follow_their_formulas():
     built, problem, objective, F, g, H = setup(SOFTMAX_CASE, "l2", 0.01, hessian=False)
     n = len(built.labels)
-    batches = training.LocalBatches(built.model, problem.images, problem.labels, n, COMM)
+    batches = training.LocalBatches(problem)
     R = np.eye(built.model.n_params)
     messages, ok = [], True
     for name, lr in (("sgd", 0.5), ("adam", 0.01)):
@@ -604,10 +576,9 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(method_name, shared_tm
     """Run 4 iterations; then 2, save, build everything afresh, load and run 2 more: the
     same θ, bit for bit, and the same history."""
     built = cases.build(SOFTMAX_CASE, dense=False)
-    n = len(built.labels)
     # The data and its TensorFlow functions are shared; objective (with its cache) and method are new.
-    problem = ArrayProblem(built.model, built.images, built.labels)
-    batches = training.LocalBatches(built.model, problem.images, problem.labels, n, COMM)
+    problem = array_problem(built)
+    batches = training.LocalBatches(problem)
 
     def fresh():
         objective = training.Objective(problem, "l2", 0.05, training.Cost())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hessmpi.errors import NumericalError
-from hessmpi.operator import DistributedOperator
+from hessmpi.curvature import DistributedOperator
 from mpi_util import collective_assert, comm
 
 

@@ -1,5 +1,5 @@
-"""Tests of the distributed Hessian operator (hessmpi.operator, hessmpi.curvature,
-hessmpi.petsc) against dense Hessians built independently on tiny models.
+"""Tests of the distributed Hessian operator (hessmpi.curvature: local products, operators
+and their arithmetic, the PETSc wrapping) against dense Hessians built independently on tiny models.
 
 Runs at any rank count: every rank builds the same reference on the full data and
 the operator on its own shard; assertions are collective.
@@ -9,17 +9,15 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-import petsc4py
+from hessmpi import runtime
 
-petsc4py.init()
-from petsc4py import PETSc  # noqa: E402
-
-from hessmpi import runtime  # noqa: E402
-
+PETSc = runtime.petsc()
 runtime.configure_threads(1)
 
-from hessmpi import curvature, data, models, operator, petsc  # noqa: E402
-from hessmpi.errors import DataError  # noqa: E402
+from hessmpi import data  # noqa: E402
+from hessmpi.curvature import HVP_MODES, Identity, MatrixOperator, petsc  # noqa: E402
+from hessmpi.curvature.operator import ownership  # noqa: E402
+from hessmpi.errors import DataError, HessmpiError  # noqa: E402
 
 import cases  # noqa: E402
 from mpi_util import collective_assert, comm  # noqa: E402
@@ -52,7 +50,7 @@ def test_dense_reference_is_symmetric(tiny):
                       f"dense Hessian {H.shape}, asymmetry {asym:.2e}")
 
 
-@pytest.mark.parametrize("hvp_mode", curvature.HVP_MODES)
+@pytest.mark.parametrize("hvp_mode", HVP_MODES)
 def test_operator_columns_match_dense_hessian(tiny, hvp_mode):
     op = hessian_op(tiny, hvp_mode=hvp_mode)
     n, H = tiny.model.n_params, tiny.H
@@ -129,14 +127,14 @@ def digits():
 
 
 def test_softmax_at_zero_matches_closed_form(digits):
+    import hessmpi
+
     case = cases.CLOSED_FORM_CASE
     N = case["n_samples"]
-    images, labels = data.select(digits, N, COMM.size, COMM.rank)
-    X = data.select(digits, N, 1, 0)[0].reshape(N, -1)  # all N samples, (N, 784)
-    model = models.get_model("softmax")
-    curv = curvature.LocalCurvature(model, images, labels)
-    curv.set_params(model.init())
-    op = operator.hessian_operator(curv, N, COMM)
+    X = digits.train_images[:N].reshape(N, -1) / 255.0  # all N samples, (N, 784)
+    op = hessmpi.Hessian("softmax", digits.split("train", N), comm=COMM)
+    model = op.problem.model
+    assert not op.problem.theta.any()  # at W = 0
 
     p = np.full(10, 0.1)
     A = np.diag(p) - np.outer(p, p)
@@ -205,7 +203,7 @@ def test_operator_counts_one_matvec_per_product():
 
 @pytest.mark.parametrize("n", [1, 2, 7, 143, 7_840, 86_282])
 def test_ownership_matches_petsc_layout(n):
-    counts, offsets = operator.ownership(n, COMM.size)
+    counts, offsets = ownership(n, COMM.size)
     vec = PETSc.Vec().createMPI(n, comm=COMM)
     try:
         petsc_range = vec.getOwnershipRange()
@@ -219,20 +217,25 @@ def test_ownership_matches_petsc_layout(n):
 def test_products_are_traced_once_whatever_the_instances_and_batch_sizes():
     # Shard sizes, micro-batch sizes and new LocalCurvatures of one model (a rank curve makes
     # one per batch size, training one per mini-batch) must reuse the traced functions.
-    model = models.get_model("softmax", image_size=4)
-    traces, logits = [], model.logits
+    from hessmpi.curvature import LocalCurvature
+    from hessmpi.data import Data, LocalShard
+    from hessmpi.models import builtin, resolve
 
-    def counted_logits(theta, images):  # runs in Python only while a function is traced
+    model = builtin.build("softmax", image_size=4)  # a model of its own: no functions traced yet
+    loss = resolve(None, model.source)
+    traces, outputs = [], model.outputs
+
+    def counted_outputs(theta, images):  # runs in Python only while a function is traced
         traces.append(1)
-        return logits(theta, images)
+        return outputs(theta, images)
 
-    model.logits = counted_logits
+    model.outputs = counted_outputs
     rng = np.random.default_rng(0)
     v = rng.standard_normal(model.n_params)
     counts = []
     for n, micro_batch in ((7, 3), (5, 5), (11, 4), (1, 1)):
-        c = curvature.LocalCurvature(model, rng.random((n, 4, 4, 1)), rng.integers(0, 10, n),
-                                     "float64", micro_batch=micro_batch)
+        samples = Data(rng.random((n, 4, 4, 1)), rng.integers(0, 10, n))
+        c = LocalCurvature(model, loss, LocalShard(samples, 0, n, micro_batch, "float64"))
         c.set_params(rng.standard_normal(model.n_params))
         c.hvp(v)
         c.ggn(v)
@@ -241,3 +244,66 @@ def test_products_are_traced_once_whatever_the_instances_and_batch_sizes():
     collective_assert(counts == [(1, 1)] * 4 and len(traces) == 3,
                       f"(HVP, GGN) tracing counts per instance: {counts}; {len(traces)} traces in all "
                       f"(HVP, GGN, gradient: 3 expected)")
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def test_sums_of_operators_match_the_dense_sum(tiny):
+    """H + γR + σI (R a fixed sparse matrix, here a random symmetric one), −H and H/2 as one
+    operator each: their products equal the dense combination, a product of the sum costs
+    one of H, and the sum counts its own products and H's."""
+    import scipy.sparse
+
+    op = hessian_op(tiny)
+    n = tiny.model.n_params
+    R = scipy.sparse.random(n, n, density=0.05, random_state=9)
+    R = (R + R.T).tocsr()
+    total = op + 0.3 * MatrixOperator(R, COMM) + 0.7 * Identity(n, COMM)
+    others = [(-op, -tiny.H), (op / 2, tiny.H / 2), (op - op, 0 * tiny.H)]
+    x = random_vectors(n, 3, seed=8).T
+    errors = [cases.rel_error(total @ x, (tiny.H + 0.3 * R.toarray() + 0.7 * np.eye(n)) @ x)]
+    errors += [float(np.linalg.norm(a @ x[:, 0] - b @ x[:, 0])) / np.linalg.norm(tiny.H @ x[:, 0])
+               for a, b in others]
+    collective_assert(max(errors) <= TOL and total.n_matvecs == 3 and op.n_matvecs >= 3 and len(total.terms) == 3,
+                      f"relative errors {errors}; sum products {total.n_matvecs}, H products {op.n_matvecs}")
+
+
+def test_a_block_of_a_sum_is_the_dense_block(tiny):
+    op = hessian_op(tiny)
+    n = tiny.model.n_params
+    block = slice(n // 3, n // 3 + 17)
+    shifted = (op + 2.0 * Identity(n, COMM)).block(block.start, block.stop)
+    dense = (tiny.H + 2.0 * np.eye(n))[block, block]
+    x = random_vectors(shifted.n, 2, seed=10).T
+    error = cases.rel_error(shifted @ x, dense @ x)
+    collective_assert(error <= TOL and shifted.n == 17, f"block of H + 2I: relative error {error:.2e}")
+
+
+def test_operators_of_different_sizes_do_not_add(tiny):
+    op = hessian_op(tiny)
+    with pytest.raises(HessmpiError, match="cannot add operators of sizes"):
+        op + Identity(op.n + 1, COMM)
+    with pytest.raises(HessmpiError, match="expected a vector of"):
+        op @ np.zeros(op.n + 1)
+
+
+def test_to_scipy_on_one_rank_and_to_petsc(tiny):
+    """H.to_scipy() (one rank) and H.to_petsc() multiply like the dense Hessian."""
+    op = hessian_op(tiny)
+    v = random_vectors(op.n, 1, seed=11)[0]
+    mat = op.to_petsc()
+    try:
+        x = petsc.vec_from_full(mat, v)
+        y = mat.createVecLeft()
+        mat.mult(x, y)
+        petsc_error = cases.rel_error(petsc.vec_to_full(y, COMM), tiny.H @ v)
+    finally:
+        mat.destroy()
+    if COMM.size == 1:
+        scipy_error = cases.rel_error(op.to_scipy() @ v, tiny.H @ v)
+    else:
+        with pytest.raises(HessmpiError, match="to_scipy"):
+            op.to_scipy()
+        scipy_error = 0.0
+    collective_assert(max(petsc_error, scipy_error) <= TOL, f"petsc {petsc_error:.2e}, scipy {scipy_error:.2e}")

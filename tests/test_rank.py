@@ -7,7 +7,6 @@ collective. The tests marked serial run scripts/rank_curve.py and scripts/plot.p
 """
 
 import os
-import runpy
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -16,17 +15,16 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-import petsc4py
+from hessmpi import runtime
 
-petsc4py.init()
-
-from hessmpi import runtime  # noqa: E402
-
+runtime.init_petsc()
 runtime.configure_threads(1)
 
-from hessmpi import data, models, rank, regularize, results  # noqa: E402
+import hessmpi  # noqa: E402
+from hessmpi import data, plots, results  # noqa: E402
+from hessmpi.curvature import regularizers as regularize  # noqa: E402
 from hessmpi.errors import HessmpiError  # noqa: E402
-from hessmpi.problem import Problem  # noqa: E402
+from hessmpi.solvers import rank  # noqa: E402
 
 import cases  # noqa: E402
 from mpi_util import collective_assert, comm, run_mpi  # noqa: E402
@@ -43,17 +41,24 @@ TOL = rank.default_tol(7840)
 
 def real_digits(n, side=28):
     """The first n training digits of mnist-5k, block-averaged to side × side, (n, side, side, 1)."""
-    x, y = data.select(data.load("mnist-5k"), n, 1, 0)
+    digits = data.load("mnist-5k").split("train", n)
     f = 28 // side
-    return x.reshape(n, side, f, side, f, 1).mean(axis=(2, 4)), y
+    return digits.features().reshape(n, side, f, side, f, 1).mean(axis=(2, 4)), digits.y
+
+
+def softmax(side=28):
+    return cases.build_model({"name": "softmax", "config": {"image_size": side}})
+
+
+def softmax_at_zero(n, comm=COMM):
+    """The problem of the softmax model at W = 0 on the first n bundled digits."""
+    return hessmpi.Hessian("softmax", "mnist-5k", n_samples=n, comm=comm).problem
 
 
 def batch_of(model, theta, images, labels, comm=COMM):
     """A rank.Batch over `comm` whose ranks hold contiguous shards of the full data."""
     built = SimpleNamespace(model=model, theta=theta, images=images, labels=labels)
-    op = cases.hessian_operator(built, comm)
-    lo, hi = data.shard_range(len(labels), comm.Get_size(), comm.Get_rank())
-    return rank.Batch(model, theta, images[lo:hi], len(labels), op)
+    return rank.Batch.from_problem(cases.problem(built, comm))
 
 
 def both_routes(batch, tol=TOL, **options):
@@ -81,12 +86,8 @@ def nonzero_descending(values, tol):
 
 @pytest.mark.parametrize("n", [1, 5, 10])
 def test_softmax_rank_at_zero_is_9n_on_real_digits_by_both_routes(n):
-    model = models.get_model("softmax")
-    problem = Problem(model, data.load("mnist-5k"), n, COMM)
-    problem.set_params(model.init())
-    spectra = both_routes(rank.Batch.from_problem(problem))
-    x, _ = data.select(data.load("mnist-5k"), n, 1, 0)
-    x = x.reshape(n, -1)
+    spectra = both_routes(rank.Batch.from_problem(softmax_at_zero(n)))
+    x = data.load("mnist-5k").split("train", n).features().reshape(n, -1)
     rank_x = np.linalg.matrix_rank(x)
     exact = np.repeat(0.1 * np.linalg.eigvalsh(x.T @ x / n)[::-1][:rank_x], 9)
     for method, s in spectra.items():
@@ -117,8 +118,8 @@ def dependent_images():
 
 def test_softmax_rank_is_9_rank_x_when_the_images_are_dependent(dependent_images):
     images, labels, bounds = dependent_images
-    model = models.get_model("softmax", image_size=7)
-    s = rank.analyse(batch_of(model, model.init(), images, labels), ("dense",), {"dense": TOL})["dense"]
+    model = softmax(7)
+    s = rank.analyse(batch_of(model, cases.init(model), images, labels), ("dense",), {"dense": TOL})["dense"]
     expected = 9 * bounds["rank_x"]
     collective_assert(s.rank == expected < 9 * 45 and s.rank <= 9 * (49 - bounds["dead_pixels"]),
                       f"rank {s.rank} at W = 0, expected 9·rank(X) = {expected}")
@@ -126,7 +127,7 @@ def test_softmax_rank_is_9_rank_x_when_the_images_are_dependent(dependent_images
 
 def test_softmax_rank_at_random_weights_matches_an_independent_hessian(dependent_images):
     images, labels, bounds = dependent_images
-    model = models.get_model("softmax", image_size=7)
+    model = softmax(7)
     theta = 0.3 * np.random.default_rng(3).standard_normal(model.n_params)
     h = closed_form_softmax_hessian(model, theta, images)
     reference = np.sort(np.linalg.eigvalsh(h))[::-1]
@@ -196,7 +197,7 @@ def test_matrix_free_reports_a_lower_bound_when_the_basis_is_capped():
 def test_laplacian_regularized_softmax_hessian_is_full_rank(side, methods):
     n = 12
     images, labels = real_digits(n, side=side)
-    model = models.get_model("softmax", image_size=side)
+    model = softmax(side)
     size = model.n_params
     theta = 0.1 * np.random.default_rng(4).standard_normal(size)
     gamma = 1e-2
@@ -237,7 +238,7 @@ def test_parallel_curve_matches_serial(which):
     if COMM.Get_size() == 1:
         pytest.skip("compares COMM_WORLD with COMM_SELF: runs in the mpirun -n 2 and -n 3 passes")
     if which == "softmax":
-        model = models.get_model("softmax", image_size=7)
+        model = softmax(7)
         images, labels = real_digits(13, side=7)
         theta = 0.2 * np.random.default_rng(5).standard_normal(model.n_params)
         sizes, methods = (3, 13), rank.METHODS
@@ -300,7 +301,7 @@ def test_data_bounds_count_dead_pixels_and_couplings():
 
 
 def _softmax_w0_ranks(sizes):
-    x, _ = data.select(data.load("mnist-5k"), max(sizes), 1, 0)
+    x = data.load("mnist-5k").split("train", max(sizes)).features()
     x = x.reshape(len(x), -1)
     return [9 * np.linalg.matrix_rank(x[:n]) for n in sizes], x
 
@@ -312,7 +313,7 @@ def test_rank_curve_script_under_mpirun_meets_the_contract(tmp_path):
     proc = run_mpi(2, [SCRIPT, "--batch-sizes", ",".join(map(str, sizes)), "--method", "both", "--out", out],
                    timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("hessmpi 0.1.0") == 1 and "n=   20: rank 180 (dense 180, matrix-free 180)" in proc.stdout
+    assert proc.stdout.count(f"hessmpi {hessmpi.__version__}") == 1 and "n=   20: rank 180 (dense 180, matrix-free 180)" in proc.stdout
     datasets, attrs = results.read(out, "rank_curve")
     expected, x = _softmax_w0_ranks(sizes)
     rc = lambda name: datasets["rank_curve/" + name]  # noqa: E731
@@ -328,11 +329,8 @@ def test_rank_curve_script_under_mpirun_meets_the_contract(tmp_path):
     vecs = rc("top_eigenvectors")
     assert vecs.shape == (4, 7840) and np.allclose(vecs @ vecs.T, np.eye(4), atol=1e-10)
     # The same curve serially, in this process: the leading eigenvalues agree.
-    model = models.get_model("softmax")
     for i, n in enumerate(sizes):
-        problem = Problem(model, data.load("mnist-5k"), n, MPI.COMM_SELF)
-        problem.set_params(model.init())
-        serial = rank.dense_softmax(rank.Batch.from_problem(problem), TOL)
+        serial = rank.dense_softmax(rank.Batch.from_problem(softmax_at_zero(n, MPI.COMM_SELF)), TOL)
         assert serial.rank == rc("ranks")[i]
         np.testing.assert_allclose(rc("leading_eigenvalues")[i], serial.leading(), rtol=1e-12)
     for suffix in ("", "_spy", "_eigenvectors"):
@@ -342,15 +340,18 @@ def test_rank_curve_script_under_mpirun_meets_the_contract(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert plot.returncode == 0, plot.stderr
     assert os.path.isfile(str(tmp_path / "again_spy.png")) and os.path.isfile(str(tmp_path / "again.png"))
-    plot_main = runpy.run_path(PLOT)["main"]
     spec = str(tmp_path / "s.h5")
     results.write(spec, {"spectrum/eigenvalues": np.array([2.0, 1.0]), "spectrum/eigenvectors": np.eye(2, 5),
                          "spectrum/residuals": np.array([1e-9, 1e-9])},
                   {k: attrs[k] for k in results.ROOT_ATTRS})
-    assert plot_main([spec]) == 0 and os.path.isfile(str(tmp_path / "s.png"))
+    assert plots.draw_file(spec) == [str(tmp_path / "s.png")] and os.path.isfile(str(tmp_path / "s.png"))
     results.write(str(tmp_path / "odd.h5"), {"other/thing": np.zeros(2)}, {k: attrs[k] for k in results.ROOT_ATTRS})
-    assert plot_main([str(tmp_path / "odd.h5")]) == 2
-    assert plot_main([str(tmp_path / "missing.h5")]) == 2
+    with pytest.raises(HessmpiError, match="holds none of the known result sets"):
+        plots.draw_file(str(tmp_path / "odd.h5"))
+    with pytest.raises(HessmpiError, match="no results file"):
+        plots.draw_file(str(tmp_path / "missing.h5"))
+    odd = subprocess.run([sys.executable, PLOT, str(tmp_path / "odd.h5")], capture_output=True, text=True, timeout=120)
+    assert odd.returncode == 2 and odd.stderr.count("error: ") == 1, odd.stderr
 
 
 @pytest.mark.serial

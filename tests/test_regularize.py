@@ -1,25 +1,22 @@
-"""Tests of hessmpi.regularize: R of the penalty ½·θᵀRθ against TensorFlow's Hessian of
-the penalty written here again (tf.nn.conv2d with the stencil, 'SAME' zero padding),
-against the module's own stencil function, against the closed-form spectrum of the
-zero-padded 9-point Laplacian, and the PETSc matrix against the dense one at any
-rank count. Assertions are collective.
+"""Tests of hessmpi.curvature.regularizers: R of the penalty ½·θᵀRθ against TensorFlow's
+Hessian of the penalty written here again (tf.nn.conv2d with the stencil, 'SAME' zero
+padding), against the module's own stencil function, against the closed-form spectrum of
+the zero-padded 9-point Laplacian, and the distributed operator of R against the dense
+matrix at any rank count. Assertions are collective.
 """
 
 import numpy as np
 import pytest
 
-import petsc4py
-
-petsc4py.init()
-
-from hessmpi import runtime  # noqa: E402
+from hessmpi import runtime
 
 runtime.configure_threads(1)
 tf = runtime.import_tensorflow()
 
-from hessmpi import models, operator, regularize  # noqa: E402
+from hessmpi.curvature import regularizers as regularize  # noqa: E402
 from hessmpi.errors import HessmpiError  # noqa: E402
 
+import cases  # noqa: E402
 from mpi_util import collective_assert, comm  # noqa: E402
 
 COMM = comm()
@@ -52,18 +49,12 @@ def tf_penalty_hvp(theta, v, side):
     return acc.jvp(g).numpy()
 
 
-def petsc_full(mat, v):
-    """mat·v gathered on every rank, for a full vector v given on every rank."""
-    x = mat.createVecRight()
-    lo, hi = x.getOwnershipRange()
-    x.getArray()[:] = v[lo:hi]
-    y = mat.createVecLeft()
-    mat.mult(x, y)
-    return np.concatenate(COMM.allgather(y.getArray().copy()))
+def softmax(image_size=28):
+    return cases.build_model({"name": "softmax", "config": {"image_size": image_size}})
 
 
 def test_laplacian_matrix_is_the_hessian_of_the_penalty_by_autodiff():
-    model = models.get_model("softmax", image_size=7)
+    model = softmax(7)
     r = regularize.dense_matrix("laplacian", model)
     h = tf_penalty_hessian(7)
     err = np.abs(r - h).max()
@@ -71,41 +62,31 @@ def test_laplacian_matrix_is_the_hessian_of_the_penalty_by_autodiff():
 
 
 def test_laplacian_matrix_agrees_with_the_stencil_penalty_at_full_size():
-    model = models.get_model("softmax")
+    model = softmax()
     rng = np.random.default_rng(0)
-    counts, offsets = operator.ownership(model.n_params, COMM.Get_size())
-    lo = int(offsets[COMM.Get_rank()])
-    hi = lo + int(counts[COMM.Get_rank()])
-    r = regularize.petsc_matrix("laplacian", model, lo, hi, COMM)
+    r = regularize.operator("laplacian", model, COMM)
     errors = []
     for _ in range(3):
         theta, v = rng.standard_normal((2, model.n_params))
-        rv = petsc_full(r, v)
+        rv = r @ v
         errors.append(np.abs(rv - tf_penalty_hvp(theta, v, 28)).max() / np.abs(rv).max())
-        quad = 0.5 * theta @ petsc_full(r, theta)
+        quad = 0.5 * theta @ (r @ theta)
         errors.append(abs(quad - regularize.laplacian_penalty(theta)) / quad)
-    r.destroy()
     collective_assert(max(errors) < 1e-12, f"R·v against TF, ½θᵀRθ against the stencil: {max(errors):.1e}")
 
 
 @pytest.mark.parametrize("kind", ["laplacian", "l2"])
-def test_petsc_matrix_rows_match_the_dense_matrix(kind):
-    model = models.get_model("softmax", image_size=14)
+def test_the_operator_of_r_is_the_dense_matrix(kind):
+    """Every column of the distributed operator of R, one block product, equals the dense R
+    (its rows split over the ranks); R is symmetric."""
+    model = softmax(14)
     dense = regularize.dense_matrix(kind, model)
-    counts, offsets = operator.ownership(model.n_params, COMM.Get_size())
-    lo = int(offsets[COMM.Get_rank()])
-    hi = lo + int(counts[COMM.Get_rank()])
-    r = regularize.petsc_matrix(kind, model, lo, hi, COMM)
-    own = r.getOwnershipRange() == (lo, hi)
-    worst = 0.0
-    for i in range(lo, hi):
-        cols, vals = r.getRow(i)
-        row = np.zeros(model.n_params)
-        row[cols] = vals
-        worst = max(worst, np.abs(row - dense[i]).max())
-    sym = r.isSymmetric(1e-14)
-    r.destroy()
-    collective_assert(own and worst == 0.0 and sym, f"{kind}: ownership {own}, max row error {worst}, symmetric {sym}")
+    r = regularize.operator(kind, model, COMM)
+    columns = r @ np.eye(model.n_params)
+    worst = np.abs(columns - dense).max()
+    sym = np.array_equal(dense, dense.T)
+    collective_assert(worst == 0.0 and sym and r.n_matvecs == model.n_params,
+                      f"{kind}: max column error {worst}, symmetric {sym}, {r.n_matvecs} products")
     if kind == "l2":
         collective_assert(np.array_equal(dense, np.eye(model.n_params)), "L2: R = I")
 
@@ -125,9 +106,8 @@ def test_laplacian_spectrum_is_the_closed_form_and_positive():
 
 def test_bad_requests_are_clear_errors():
     messages = []
-    for kind, name in (("laplacian", "cnn"), ("tv", "softmax")):
-        model = models.get_model(name, **({"image_size": 16, "kernel": 3, "filters": (2, 3), "hidden": 4}
-                                          if name == "cnn" else {"image_size": 4}))
+    for kind, spec in (("laplacian", cases.CNN_TINY), ("tv", cases.SOFTMAX_TINY)):
+        model = cases.build_model(spec)
         try:
             regularize.dense_matrix(kind, model)
             messages.append(None)

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+import hessmpi
 from hessmpi import data, results
 from mpi_util import run_mpi
 
@@ -15,8 +16,7 @@ SPECTRUM = os.path.join(ROOT, "scripts", "spectrum.py")
 
 def softmax_w0_eigenvalues(n):
     """The spectrum of the softmax Hessian at W = 0, independently: 0.1 · eig(XᵀX/N), each 9 times."""
-    x, _ = data.select(data.load("mnist-5k"), n, 1, 0)
-    x = x.reshape(n, -1)
+    x = data.load("mnist-5k").split("train", n).features().reshape(n, -1)
     return 0.1 * np.linalg.eigvalsh(x.T @ x / n)[::-1]
 
 
@@ -34,7 +34,7 @@ def test_spectrum_under_mpirun_meets_the_contract(tmp_path):
                "-hess_norm_eps_type", "krylovschur"]
     proc = run_mpi(2, [SPECTRUM, "--n-samples", "300", "--nev", "10", "--out", out, *options], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "pass 1" in proc.stdout and proc.stdout.count("hessmpi 0.1.0") == 1  # progress, rank 0 only
+    assert "pass 1" in proc.stdout and proc.stdout.count(f"hessmpi {hessmpi.__version__}") == 1  # progress, rank 0 only
     assert "were not used" not in proc.stdout + proc.stderr, proc.stdout[-2000:]
     datasets, attrs = results.read(out, "spectrum")
     assert os.path.isfile(str(tmp_path / "s.png"))

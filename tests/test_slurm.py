@@ -206,8 +206,8 @@ def direct_newton(out):
 
 def first_digits(n):
     """The first n bundled training digits as rows of pixels in [0, 1], and their labels."""
-    x, y = data.select(data.load("mnist-5k"), n, 1, 0)
-    return x.reshape(n, -1), y
+    digits = data.load("mnist-5k").split("train", n)
+    return digits.features().reshape(n, -1), digits.y
 
 
 def softmax_w0_eigenvalues(n):

@@ -3,11 +3,10 @@ dense computation, at 1 and 2 ranks, and a checkpointed run that is killed and r
 
 The reference is the CNN's last layer (dense2, 1,290 parameters) on the first 12 bundled
 digits: each group's dense Hessian block H_g is built here from the logits' Jacobian
-(tape.jacobian of models.logits, independent of hessmpi.curvature), its Rayleigh
+(tape.jacobian of the reference model's logits, independent of hessmpi), its Rayleigh
 quotients vᵀH_g v/vᵀv from the stored eigenvectors, and the Student-t interval from scipy.
 """
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -17,8 +16,11 @@ import time
 import numpy as np
 import pytest
 
-from hessmpi import data, models, results, runtime
-from mpi_util import MPI_ENV, run_mpi
+from hessmpi import data, results, runtime
+from hessmpi.models import builtin
+from hessmpi.solvers import spectrum
+import reference_models
+from mpi_util import MPI_ENV, descendants, run_mpi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECTRUM = os.path.join(ROOT, "scripts", "spectrum.py")
@@ -48,19 +50,17 @@ def group_hessians(theta):
     softmax(zᵢ). (Nested tapes over the block, as cases.dense_hessian does for a tiny
     model, backpropagate 1,290 times through the whole CNN at once: over 13 GB.)
     """
-    from hessmpi.operator import layer_block
-
     tf = runtime.import_tensorflow()
-    model = models.get_model("cnn")
-    block = layer_block(model, LAYER)
-    images, _ = data.select(data.load("mnist-5k"), N, 1, 0)
+    block = builtin.layout("cnn").block(LAYER)
+    images = data.load("mnist-5k").split("train", N).features()
     head, tail = tf.constant(theta[:block.start]), tf.constant(theta[block.stop:])
     params = tf.constant(theta[block])
     size, blocks = N // GROUPS, []
     for g in range(GROUPS):
         with tf.GradientTape() as tape:
             tape.watch(params)
-            z = model.logits(tf.concat([head, params, tail], 0), tf.constant(images[g * size:(g + 1) * size]))
+            z = reference_models.logits("cnn", {}, tf.concat([head, params, tail], 0),
+                                        tf.constant(images[g * size:(g + 1) * size]))
         J, z = tape.jacobian(z, params).numpy(), z.numpy()  # (n_g, 10, 1290), (n_g, 10)
         p = np.exp(z - z.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
@@ -123,8 +123,10 @@ def test_a_killed_layer_run_resumes_from_its_checkpoint_and_matches(runs, tmp_pa
         deadline = time.monotonic() + 600
         while proc.poll() is None and passes_saved(checkpoint) < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # mpirun ends its ranks
+        if proc.poll() is None:  # a rank dies at once (mpirun relays a signal to them late); mpirun ends the job
+            ranks = [p for p in descendants(proc.pid)
+                     if SPECTRUM in open(f"/proc/{p}/cmdline").read().replace("\0", " ")]
+            os.kill(max(ranks), signal.SIGTERM)
         proc.wait(timeout=60)
     killed_log = (tmp_path / "killed.log").read_text()
     assert passes_saved(checkpoint) >= 1 and not os.path.exists(out), \
@@ -141,13 +143,6 @@ def test_a_killed_layer_run_resumes_from_its_checkpoint_and_matches(runs, tmp_pa
     assert not os.path.exists(checkpoint)
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("spectrum_script", SPECTRUM)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_checkpoint_holds_block_vectors_and_refuses_another_layer(tmp_path):
     """save_checkpoint stores vectors of the operator's size (not θ's); load_checkpoint gives
     them back to the same run and refuses a run of another layer or operator."""
@@ -155,7 +150,6 @@ def test_a_checkpoint_holds_block_vectors_and_refuses_another_layer(tmp_path):
 
     from hessmpi.errors import HessmpiError
 
-    spectrum = load_script()
     theta, n = np.arange(50.0), 7  # a block of 7 of 50 parameters
     vectors = list(np.random.default_rng(0).standard_normal((2, n)))
     progress = SimpleNamespace(values=np.array([2.0, 1.0]), residuals=np.array([1e-9, 2e-9]), passes=1,
@@ -178,7 +172,7 @@ def test_a_checkpoint_holds_block_vectors_and_refuses_another_layer(tmp_path):
 
 @pytest.mark.parametrize("given, expected", [(None, 10), (0, 0), (2, 2), (12, 12)])
 def test_error_groups_default_and_valid_values(given, expected):
-    assert load_script().error_groups(given, 12) == expected
+    assert spectrum.count_groups(given, 12) == expected
 
 
 @pytest.mark.parametrize("given", [1, -1, 13])
@@ -186,9 +180,8 @@ def test_error_groups_out_of_range_is_a_clear_error(given):
     from hessmpi.errors import HessmpiError
 
     with pytest.raises(HessmpiError, match="--error-groups must be 0 .* between 2 and the 12 samples"):
-        load_script().error_groups(given, 12)
+        spectrum.count_groups(given, 12)
 
 
 def test_error_groups_default_is_capped_by_the_samples():
-    script = load_script()
-    assert script.error_groups(None, 4) == 4 and script.error_groups(None, 1) == 0
+    assert spectrum.count_groups(None, 4) == 4 and spectrum.count_groups(None, 1) == 0

@@ -1,24 +1,27 @@
-"""Tests of the shared training machinery (hessmpi.training): mini-batches, the objective's
-cost accounting, history and checkpoints, the comparison plot; and scripts/newton.py
-and scripts/compare.py end to end (serial: they launch mpirun themselves).
+"""Tests of the shared training machinery (hessmpi.optim): mini-batches, the objective's
+cost accounting, history and checkpoints, the comparison table and plot, the settings'
+checks; and scripts/newton.py and scripts/compare.py end to end (serial: they launch
+mpirun or python themselves).
 """
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-import petsc4py
+from hessmpi import runtime
 
-petsc4py.init()
-
-from hessmpi import runtime  # noqa: E402
-
+runtime.init_petsc()
 runtime.configure_threads(1)
 tf = runtime.import_tensorflow()
 
-from hessmpi import results, training  # noqa: E402
+import hessmpi  # noqa: E402
+from hessmpi import results  # noqa: E402
 from hessmpi.errors import HessmpiError  # noqa: E402
+from hessmpi.optim import fit, training  # noqa: E402
+from hessmpi.plots import training as training_plots  # noqa: E402
 
 import cases  # noqa: E402
 from mpi_util import collective_assert, comm, run_mpi  # noqa: E402
@@ -49,11 +52,11 @@ def test_minibatch_gradient_is_the_dense_one_on_any_rank_count():
     case = {"id": "softmax-N13", "model": cases.SOFTMAX_TINY, "seed": 50, "noise": 0.3, "data_seed": 51,
             "n_samples": 13}
     built = cases.build(case, dense=False)
-    from test_newton import ArrayProblem, dense_objective
+    from test_newton import array_problem, dense_objective
 
-    problem = ArrayProblem(built.model, built.images, built.labels)
+    problem = array_problem(built)
     objective = training.Objective(problem, "l2", 0.1, training.Cost())
-    batches = training.LocalBatches(built.model, problem.images, problem.labels, 13, COMM)
+    batches = training.LocalBatches(problem)
     errors = []
     for step, size in ((0, 1), (1, 4), (5, 13)):
         idx = training.batch_indices(3, 13, size, step)
@@ -70,10 +73,9 @@ def test_objective_charges_a_sweep_only_for_what_the_method_needs():
     case = {"id": "softmax-N5", "model": cases.SOFTMAX_TINY, "seed": 52, "noise": 0.1, "data_seed": 53,
             "n_samples": 5}
     built = cases.build(case, dense=False)
-    from test_newton import ArrayProblem
+    from test_newton import array_problem
 
-    objective = training.Objective(ArrayProblem(built.model, built.images, built.labels), "l2", 0.1,
-                                   training.Cost())
+    objective = training.Objective(array_problem(built), "l2", 0.1, training.Cost())
     charged = []
     objective.value_grad(built.theta, count=False)  # evaluation for the history: free
     charged.append(objective.cost.sweeps)
@@ -106,7 +108,7 @@ def test_checkpoint_round_trip_and_settings_check(shared_tmp_path):
     collective_assert(same, "the checkpoint does not read back what was saved")
 
 
-def test_compare_prints_a_table_and_writes_a_png(tmp_path, compare_script):
+def test_compare_prints_a_table_and_writes_a_png(tmp_path):
     if COMM.Get_rank() > 0:  # no MPI in compare.py: rank 0 checks it once
         collective_assert(True)
         return
@@ -120,28 +122,20 @@ def test_compare_prints_a_table_and_writes_a_png(tmp_path, compare_script):
         path = str(tmp_path / f"{method}.h5")
         training.save(path, np.zeros(160), history, {}, dict(ATTRS, method=method))
         paths.append(path)
-    lines = compare_script.table([(p, *results.read(p, "newton")) for p in paths], target=0.85)
+    lines = fit.comparison_table([(p, *results.read(p, "newton")) for p in paths], target=0.85)
     out = str(tmp_path / "cmp.png")
-    status = compare_script.main([*paths, "--out", out, "--target", "0.85"])
-    ok = (status == 0 and os.path.getsize(out) > 1000 and "0.9000" in lines[1]
-          and lines[1].split()[-2:] == ["6.00", "2.0"] and lines[2].split()[-2:] == ["6.00", "2.0"])
-    missing = compare_script.main([paths[0], str(tmp_path / "nope.h5"), "--out", out])
-    from hessmpi import training_plots
-
+    compare = [sys.executable, os.path.join(ROOT, "scripts", "compare.py")]
+    status = subprocess.run([*compare, *paths, "--out", out, "--target", "0.85"], capture_output=True, text=True)
+    ok = (status.returncode == 0 and os.path.getsize(out) > 1000 and "0.9000" in lines[1]
+          and lines[1].split()[-2:] == ["6.00", "2.0"] and lines[2].split()[-2:] == ["6.00", "2.0"]
+          and lines[1] in status.stdout)
+    missing = subprocess.run([*compare, paths[0], str(tmp_path / "nope.h5"), "--out", out], capture_output=True,
+                             text=True)
     one = str(tmp_path / "one.png")
     training_plots.history(*results.read(paths[0], "newton"), one)
-    collective_assert(ok and missing == 2 and os.path.getsize(one) > 1000,
-                      "\n".join(lines) + f"\nstatus {status}, missing file {missing}")
-
-
-@pytest.fixture(scope="module")
-def compare_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compare_script", os.path.join(ROOT, "scripts", "compare.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    collective_assert(ok and missing.returncode == 2 and missing.stderr.count("error: ") == 1
+                      and os.path.getsize(one) > 1000,
+                      "\n".join(lines) + f"\n{status.stdout}{status.stderr}\nmissing file: {missing.stderr}")
 
 
 # ---------------------------------------------------------------- the script, end to end
@@ -150,18 +144,14 @@ NEWTON = os.path.join(ROOT, "scripts", "newton.py")
 FLAGS = ["--n-samples", "200", "--gamma", "1e-2", "--iterations", "4", "--n-test", "300", "--no-plot"]
 
 
-def newton_in_process(out, *extra):
-    """scripts/newton.py run inside this (single-rank) test process, as `python scripts/newton.py`."""
-    import runpy
-    import sys
+def newton_in_process(out):
+    """What scripts/newton.py with FLAGS does, through the library in this (single-rank) process."""
+    from mpi4py import MPI
 
-    saved = sys.argv
-    sys.argv = [NEWTON, "--out", out, *FLAGS, *extra]
-    try:
-        runpy.run_path(NEWTON, run_name="__main__")
-    finally:
-        sys.argv = saved
-    return results.read(out, "newton")
+    H = hessmpi.Hessian("softmax", "mnist-5k", n_samples=200, comm=MPI.COMM_SELF)
+    run = fit.train(H, "newton", test=hessmpi.load_dataset("mnist-5k", "test"), n_test=300, gamma=1e-2,
+                    iterations=4)
+    return run.datasets(), run.attrs
 
 
 @pytest.mark.serial
@@ -176,7 +166,7 @@ def test_newton_script_resumes_where_an_uninterrupted_run_ends(tmp_path):
     assert list(stopped["newton/iteration"]) == [0, 1, 2]
     proc = run_mpi(2, [NEWTON, "--out", part, *FLAGS, "--resume"], timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "resuming at iteration 2" in proc.stdout and proc.stdout.count("hessmpi 0.1.0") == 1
+    assert "resuming at iteration 2" in proc.stdout and proc.stdout.count(f"hessmpi {hessmpi.__version__}") == 1
     resumed, attrs = results.read(part, "newton")
     ref, _ = newton_in_process(str(tmp_path / "whole.h5"))
     np.testing.assert_allclose(resumed["model/params"], ref["model/params"], rtol=0, atol=1e-11)
@@ -228,7 +218,7 @@ def test_a_diverging_run_stops_with_one_message_and_writes_nothing(tmp_path):
     (["--method", "adam", "--damping", "0.1"], "--damping applies to --method newton and lrsfn"),
     (["--hessian-batch", "0"], "--hessian-batch must be at least 1"),
     (["--method", "lrsfn", "--preconditioner", "kronecker"], "--preconditioner applies to --method newton"),
-    (["--preconditioner", "diagonal"], "invalid choice: 'diagonal'"),
+    (["--preconditioner", "diagonal"], "unknown preconditioner 'diagonal'"),
     (["--method", "sgd", "--grow-from", "100"], "--grow-from and --grow-factor apply to --method newton"),
     (["--grow-from", "0"], "--grow-from must be between 1 and the number of training samples"),
     (["--grow-from", "500", "--n-samples", "400"], r"--grow-from must be between 1 and .*\(400\), got 500"),
@@ -237,32 +227,38 @@ def test_a_diverging_run_stops_with_one_message_and_writes_nothing(tmp_path):
     (["--grow-from", "100", "--grow-factor", "nan"], "--grow-factor must be a finite number > 1"),
 ], ids=["batch-for-sgd", "damping-for-adam", "batch-zero", "pc-for-lrsfn", "unknown-pc", "grow-for-sgd",
         "grow-zero", "grow-above-n", "factor-alone", "factor-one", "factor-nan"])
-def test_newton_script_refuses_flags_that_do_not_apply(flags, message):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("newton_script", NEWTON)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_training_settings_refuse_what_does_not_apply(flags, message):
+    """The settings of a training run (the flags of scripts/newton.py, checked by the library)."""
+    names = {"--method": "method", "--hessian-batch": "hessian_batch", "--damping": "damping",
+             "--preconditioner": "preconditioner", "--grow-from": "grow_from", "--grow-factor": "grow_factor"}
+    settings, n = {}, None
+    for flag, value in zip(flags[::2], flags[1::2]):
+        if flag == "--n-samples":
+            n = int(value)
+        else:
+            kind = str if flag in ("--method", "--preconditioner") else (float if flag in (
+                "--damping", "--grow-factor") else int)
+            settings[names[flag]] = kind(value)
     with pytest.raises(HessmpiError, match=message):
-        module.parse(flags)
-    defaults = module.parse([])
-    collective_assert(defaults.damping == 0.0 and module.parse(["--method", "lrsfn"]).damping == 1.0
+        fit.Settings(**settings).check(n)
+    defaults = fit.Settings().check()
+    collective_assert(defaults.damping == 0.0 and fit.Settings(method="lrsfn").check().damping == 1.0
                       and defaults.preconditioner == "none" and defaults.hessian_batch is None
                       and defaults.grow_from is None
-                      and module.parse(["--grow-from", "100"]).grow_factor == 4.0)
+                      and fit.Settings(grow_from=100).check().grow_factor == 4.0)
 
 
 def test_newton_rejects_a_negative_damping_and_a_kronecker_cnn():
-    from test_newton import CNN_CASE, SOFTMAX_CASE, ArrayProblem
-    from hessmpi.newton import NewtonCG
+    from test_newton import CNN_CASE, SOFTMAX_CASE, array_problem
+    from hessmpi.optim.newton import NewtonCG
 
     errors = []
     for case, kwargs, message in ((SOFTMAX_CASE, {"damping": -1.0}, "--damping must be a finite number >= 0"),
                                   (CNN_CASE, {"preconditioner": "kronecker"}, "built for the softmax model")):
         built = cases.build(case, dense=False)
-        problem = ArrayProblem(built.model, built.images, built.labels)
+        problem = array_problem(built)
         objective = training.Objective(problem, "l2", 0.1, training.Cost())
-        batches = training.LocalBatches(built.model, problem.images, problem.labels, len(built.labels), COMM)
+        batches = training.LocalBatches(problem)
         try:
             NewtonCG(objective, batches=batches, **kwargs).destroy()
             errors.append(f"{kwargs}: accepted")

@@ -1,0 +1,83 @@
+"""The error policy of the scripts: one message for an error every rank sees, no hang when one rank fails.
+
+Set-up runs on every rank inside `all_ranks`, which gathers every rank's outcome, so a
+bad flag or file gives one message from rank 0 and exit status 2 on every rank. After
+set-up (`main_guard`), an exception on any rank prints that rank's message and aborts
+the whole MPI job, so no rank is left waiting in a collective; an error raised by every
+rank at once (`HessmpiError(collective=True)`: a non-finite product, a diverged run)
+prints once and exits with status 2 everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+
+from .. import runtime
+from ..errors import HessmpiError
+from . import petsc_options
+
+
+@contextlib.contextmanager
+def all_ranks(comm, exit: bool = True):
+    """Run a block on every rank; if it raised anywhere, every rank exits with one message.
+
+    A HessmpiError exits with status 2 and its message; any other exception with
+    status 1 and its traceback. Rank 0 prints the first failing rank's message.
+    With exit=False every rank raises instead the same collective HessmpiError holding
+    that message, for a caller that is itself inside all_ranks (or a test).
+    """
+    outcome = None
+    try:
+        yield
+    except HessmpiError as e:
+        outcome = (2, str(e))
+    except Exception:
+        outcome = (1, traceback.format_exc())
+    outcomes = comm.allgather(outcome)
+    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+    if failed:
+        rank, (code, message) = failed[0]
+        where = f"[rank {rank}] " if len(failed) < comm.Get_size() else ""
+        if not exit:
+            raise HessmpiError(f"{where}{message}".rstrip(), collective=True)
+        if comm.Get_rank() == 0:
+            print(f"{where}{'error: ' if code == 2 else ''}{message}".rstrip(), file=sys.stderr, flush=True)
+        raise SystemExit(code)
+
+
+def main_guard(main) -> None:
+    """Run main() with the error policy: an exception outside `all_ranks` aborts the job,
+    except a collective HessmpiError (raised by every rank at once, e.g. a non-finite
+    product): rank 0 prints it and every rank exits with status 2."""
+    comm = None
+    try:
+        comm = runtime.world()
+        main()
+        petsc_options.run_finished()
+    except SystemExit:
+        raise
+    except BaseException as e:
+        rank = comm.Get_rank() if comm is not None else 0
+        size = comm.Get_size() if comm is not None else 1
+        if isinstance(e, HessmpiError) and e.collective:  # every rank raised it: one message, no abort
+            if rank == 0:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            comm.Barrier()
+            # At once: PETSc's finalization would trip over the state the error left a
+            # solver in (e.g. an EPS interrupted mid-iteration) and print its traceback.
+            os._exit(2)
+        if isinstance(e, HessmpiError):
+            text, code = f"error: {e}", 2
+        elif isinstance(e, KeyboardInterrupt):
+            text, code = "interrupted", 130
+        else:
+            text, code = traceback.format_exc().rstrip(), 1
+        prefix = f"[rank {rank}] " if size > 1 else ""
+        print(f"{prefix}{text}", file=sys.stderr, flush=True)
+        if size > 1:
+            comm.Abort(code)
+        raise SystemExit(code)

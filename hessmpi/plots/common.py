@@ -1,0 +1,63 @@
+"""What every figure shares: making it, saving it, showing it inline, and the matrix's title.
+
+Figures are matplotlib `Figure` objects made without pyplot, so no backend is forced and
+no figure is kept by pyplot: a script saves them to PNG files, a notebook shows the one a
+`.plot()` returns.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def subplots(*args, figsize=None, **kwargs):
+    """(figure, axes) as pyplot.subplots gives them, for a figure pyplot does not keep."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
+
+
+def save(fig, path: str) -> None:
+    """Save a figure atomically (temporary file in the same folder, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", suffix=".png", dir=folder)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def finish(fig, path: str | None):
+    """Save fig to path (by rank 0) if path is given; return fig, which a notebook shows."""
+    if path is not None:
+        from .. import runtime
+
+        if runtime.rank() == 0:
+            save(fig, path)
+    else:
+        import matplotlib.pyplot  # noqa: F401  (in a notebook: the inline backend shows a returned figure)
+    return fig
+
+
+OPERATOR_NAMES = {"hessian": "Hessian", "ggn": "Gauss-Newton"}
+
+
+def matrix_title(attrs: dict) -> str:
+    """The matrix a results file describes, for a figure title: model, operator, the
+    regularization if any, the layer block if not all of θ, e.g. "softmax Hessian +
+    0.0001·R (laplacian)" or "cnn Gauss-Newton, block of conv1/kernel"."""
+    matrix = OPERATOR_NAMES.get(attrs.get("operator", "hessian"), attrs.get("operator"))
+    reg = attrs.get("regularization", "none")
+    if reg not in ("none", None):
+        matrix += f" + {float(attrs.get('gamma')):g}·R ({reg})"
+    layer = attrs.get("layer") or "all"  # "all" in files written before RunRecord recorded ""
+    where = "" if layer == "all" else f", block of {layer}"
+    return f"{attrs.get('model')} {matrix}{where}"
+
+
