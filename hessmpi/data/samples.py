@@ -6,7 +6,7 @@ several inputs) and targets y, one row per sample, in canonical order; it is wha
 built-in datasets, an .npz file and a user's numpy arrays become. `Stream` is a
 tf.data.Dataset of single samples (x, y), read by each rank from its first row to its
 last in micro-batches, never materialised whole. `as_samples` accepts either, or an
-(x, y) pair, and checks it (SamplesError names what is wrong). Nothing here starts
+(x, y) pair, and checks it (DataError names what is wrong). Nothing here starts
 TensorFlow but `Stream` and `LocalShard`.
 """
 
@@ -20,8 +20,6 @@ import numpy as np
 
 from .. import runtime
 from ..errors import DataError
-
-NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def _leaves(x) -> list:
@@ -213,9 +211,9 @@ def as_samples(data, n_samples: int | None = None, sample_rank: int | None = Non
 class LocalShard:
     """This rank's block [lo, hi) of the samples (data.shard_range), in micro-batches of
     tensors: floating arrays in the compute dtype, pixels and integers as they are. Arrays
-    stay numpy views of the samples (no copy held: memory grows with the data only once),
-    each micro-batch made a tensor when it is used; a Stream is read again at every pass.
-    `spec` is the (x, y) TensorSpec of a micro-batch, its batch dimension open."""
+    are made tensors once (made at every use, they cost a 4-ms softmax product 5–7%:
+    bench/hvp_cost.py); a Stream is read again at every pass. `spec` is the (x, y)
+    TensorSpec of a micro-batch, its batch dimension open."""
 
     def __init__(self, samples, lo: int, hi: int, micro_batch: int, dtype):
         tf = runtime.import_tensorflow()
@@ -233,9 +231,12 @@ class LocalShard:
 
         if isinstance(samples, Stream):
             x_spec, y_spec = samples.dataset.element_spec
+            self.chunks = None
         else:
             x_spec, y_spec = (_map(lambda a: tf.TensorSpec(np.shape(a)[1:], tf.as_dtype(np.asarray(a).dtype)), samples.x),
                               tf.TensorSpec(np.shape(samples.y)[1:], tf.as_dtype(np.asarray(samples.y).dtype)))
+            parts = [samples.rows(lo + a, min(lo + a + micro_batch, hi)) for a in range(0, self.n_samples, micro_batch)]
+            self.chunks = [(_map(self._tensor, part.x), self._tensor(part.y)) for part in parts]
         self.spec = (tf.nest.map_structure(open_batch, x_spec), open_batch(y_spec))
 
     def _tensor(self, a):
@@ -255,12 +256,11 @@ class LocalShard:
             start, stop, step = rows.indices(self.n_samples)
             if step != 1:
                 raise ValueError(f"rows must be a contiguous slice, got {rows}")
-        if isinstance(self.samples, Stream):
+        if self.chunks is None:
             for x, y in self.samples.batches(self.lo + start, self.lo + stop, self.micro_batch):
                 yield _map(self._tensor, x), self._tensor(y)
             return
-        for c0 in range(0, self.n_samples, self.micro_batch):
-            a, b = max(start, c0), min(stop, c0 + self.micro_batch)
+        for c0, (x, y) in zip(range(0, self.n_samples, self.micro_batch), self.chunks):
+            a, b = max(start, c0) - c0, min(stop, c0 + len(y)) - c0
             if a < b:
-                part = self.samples.rows(self.lo + a, self.lo + b)
-                yield _map(self._tensor, part.x), self._tensor(part.y)
+                yield (x, y) if (a, b) == (0, len(y)) else (_map(lambda t: t[a:b], x), y[a:b])

@@ -196,12 +196,11 @@ def train(op, method: str = "newton", test=None, n_test: int | None = None, chec
     import os
 
     from .. import runtime
+    from ..curvature.operator import BlockOperator
     from ..data.samples import as_samples
     from ..errors import NumericalError
 
     log = runtime.say if log is None else log
-    from ..curvature.operator import BlockOperator
-
     problem = op.problem
     if problem is None or isinstance(op, BlockOperator):
         raise HessmpiError("training needs a problem's curvature over all parameters (hessmpi.Hessian or GGN "
@@ -223,8 +222,6 @@ def train(op, method: str = "newton", test=None, n_test: int | None = None, chec
         theta, history, state, _ = training.load_checkpoint(checkpoint, identity, problem.comm)
         method_impl.restore(state)
         cost.restore(history)
-    if s.method == "newton" and not s.hessian_batch:  # long solves report their progress
-        method_impl.full.on_matvec = op.on_matvec
     base = {**problem.attrs(), "method": s.method, "regularization": s.regularization, "gamma": s.gamma,
             "config": json.dumps(identity), **(attrs or {})}
     log(f"method {s.method}: F = mean loss + {s.gamma:g}/2·θᵀRθ (R: {s.regularization}); "
