@@ -32,7 +32,7 @@ test: setup
 	echo "make test: all passes succeeded (single rank, mpirun -n 2, mpirun -n 3)"
 
 run: setup
-	mpirun -n $(NP) $(PYTHON) scripts/spectrum.py $(ARGS) </dev/null
+	mpirun -n $(NP) $(PYTHON) scripts/spectrum.py --overwrite $(ARGS) </dev/null
 
 # Benchmarks: Markdown tables on stdout and in $(BENCH_OUT)/*.md, JSON next to them.
 # About 15 minutes on 2 idle cores. PyHessian's row needs HESSMPI_TORCH_PYTHON (a Python with

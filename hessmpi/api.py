@@ -26,25 +26,34 @@ def load_dataset(name: str, split: str = "train", n_samples: int | None = None, 
 
 def problem(model, data=None, loss=None, *, dtype: str | None = None, n_samples: int | None = None,
             params=None, comm=None, micro_batch: int = 1000, hvp_mode: str = "reverse-over-reverse",
-            from_logits: bool | None = None, seed: int = 0) -> Problem:
+            from_logits: bool | None = None, seed: int = 0, data_dir: str | None = None) -> Problem:
     """The Problem (model, loss, samples over the ranks, θ) of the arguments of `Hessian`."""
-    from .data.samples import as_samples
+    from .data.samples import as_samples, load_npz
+    from .errors import HessmpiError
     from .models import FlatModel, load_model, resolve
 
-    if isinstance(model, Problem):
-        return model
-    if isinstance(model, LinearOperator) and model.problem is not None:
-        return model.problem
+    reused = model if isinstance(model, Problem) else getattr(model, "problem", None)
+    if reused is not None:
+        given = [name for name, value in (("data", data), ("loss", loss), ("dtype", dtype), ("n_samples", n_samples),
+                                          ("params", params), ("comm", comm), ("from_logits", from_logits))
+                 if value is not None]
+        if given:
+            raise HessmpiError(f"{', '.join(given)} cannot change a problem that exists: pass the model and data "
+                               f"again to build another")
+        return reused
     if data is None:
         raise TypeError("data is required: an (x, y) pair of arrays, hessmpi.Data or a tf.data.Dataset")
     if isinstance(model, str):
         flat = load_model(model, dtype, seed)
     elif isinstance(model, FlatModel):
-        flat = model if dtype in (None, model.dtype) else FlatModel.of(model.source, dtype, model.name)
+        flat = model if dtype in (None, model.dtype) else FlatModel.of(model.source, dtype, model.name, like=model)
     else:
         flat = FlatModel.of(model, dtype)
-    samples = (load_dataset(data, n_samples=n_samples) if isinstance(data, str)
-               else as_samples(data, n_samples, _sample_rank(flat.keras)))
+    if isinstance(data, str):  # an .npz file (Keras' mnist.npz keys) or one of hessmpi's datasets
+        samples = (as_samples(load_npz(data), n_samples) if data.endswith(".npz")
+                   else load_dataset(data, n_samples=n_samples, data_dir=data_dir, seed=seed))
+    else:
+        samples = as_samples(data, n_samples, _sample_rank(flat.keras))
     return Problem(flat, resolve(loss, flat.source, from_logits), samples, comm, micro_batch, hvp_mode, params)
 
 
@@ -83,7 +92,9 @@ def Hessian(model, data=None, loss=None, *, layer: str | None = None, **options)
     layer: the diagonal block of one layer ('conv1') or tensor ('conv1/kernel').
     options: dtype ('float64', 'float32'; default the model's own, float64 for the built-in
     models), n_samples (the first N samples), params (θ instead of the model's weights),
-    comm, micro_batch, hvp_mode, from_logits, seed (a built-in model's initialisation).
+    comm, micro_batch, hvp_mode, from_logits, seed (a built-in model's initialisation and
+    the synthetic dataset's), data_dir (a dataset's files). data may also be the path of
+    an .npz file with Keras' keys (x_train, y_train).
 
     The loss is taken in inference mode (BatchNormalization on its moving statistics,
     Dropout off), so it is a mean of per-sample terms and the numbers do not depend on the
@@ -97,9 +108,11 @@ def regularizer(kind: str, like: LinearOperator) -> LinearOperator:
     regression's weight images) for the model of `like` (a Hessian or GGN), laid out like it:
     `H + gamma * hessmpi.regularizer("laplacian", H)`."""
     from .curvature import regularizers
+    from .errors import HessmpiError
 
-    if like.problem is None:
-        raise TypeError("like must be a Hessian or GGN (an operator of a problem)")
+    if like.problem is None or like.n != like.problem.n_params:
+        raise HessmpiError("a regularizer acts on all the parameters: like must be a Hessian or GGN of a problem, "
+                           "not a layer's block or another operator")
     return regularizers.operator(kind, like.problem.model, like.comm)
 
 

@@ -87,11 +87,11 @@ def write(path: str, datasets: dict, attrs: dict) -> None:
         raise
 
 
-def save(path: str, datasets: dict, attrs: dict) -> None:
-    """`write` on rank 0 of MPI_COMM_WORLD only (the other ranks return at once)."""
+def save(path: str, datasets: dict, attrs: dict, comm=None) -> None:
+    """`write` on rank 0 of comm (default MPI_COMM_WORLD) only; the other ranks return at once."""
     from . import runtime
 
-    if runtime.rank() == 0:
+    if (comm.Get_rank() if comm is not None else runtime.rank()) == 0:
         write(path, datasets, attrs)
 
 

@@ -88,6 +88,12 @@ def import_keras():
     return keras
 
 
+def threads() -> int:
+    """TensorFlow's threads per rank (importing TensorFlow, which sets them, if need be)."""
+    import_tensorflow()
+    return _threads
+
+
 def configure_threads(threads: int) -> int:
     """Give TensorFlow `threads` intra-op and inter-op threads; returns the count in force.
 

@@ -14,7 +14,6 @@ continues a killed run from its last row and ends where an uninterrupted run wou
 
 import os
 import sys
-import time
 
 from hessmpi import cli
 from hessmpi.optim import fit
@@ -85,7 +84,6 @@ def parse(argv):
 
 
 def main():
-    started = time.perf_counter()
     ours, petsc_args = cli.split_argv(sys.argv[1:])
     comm = cli.world()
     with cli.all_ranks(comm):
@@ -99,10 +97,9 @@ def main():
     cli.say(cli.describe_run(args, problem, comm))
     op.on_matvec = cli.progress_printer()
     run = fit.train(op, args.method, test=test, n_test=args.n_test, checkpoint=args.out, resume=args.resume,
-                    stop_after=args.stop_after, attrs={"seed": args.seed, "weights": args.weights or "init"},
-                    config={"weights": args.weights, "micro_batch": args.micro_batch}, **settings)
-    run.attrs["wall_time"] = time.perf_counter() - started
-    written = [run.save(args.out)]
+                    stop_after=args.stop_after, attrs={"seed": args.seed, "weights": cli.weights_of(args)},
+                    config={"weights": args.weights}, **settings)  # it writes --out at every row and at the end
+    written = [args.out]
     if comm.Get_rank() == 0 and not args.no_plot:
         png = os.path.splitext(args.out)[0] + ".png"
         run.plot(png)

@@ -105,7 +105,7 @@ def point(model, case) -> np.ndarray:
 def random_data(model, n: int, seed: int):
     """n images (n, s, s, 1) uniform in [0, 1] and n labels in 0..9, the same on every rank."""
     rng = np.random.default_rng(seed)
-    s = model.image_size
+    s = model.config.get("image_size", 28)
     return rng.uniform(0.0, 1.0, (n, s, s, 1)), rng.integers(0, 10, n).astype(np.int64)
 
 

@@ -90,7 +90,7 @@ def test_cnn_logits_match_keras(spec):
     assert offset == model.n_params
     reference.set_weights(weights)
 
-    s = model.image_size
+    s = model.config.get("image_size", 28)
     images = rng.uniform(0.0, 1.0, (5, s, s, 1))
     ours = model.outputs(tf.constant(theta), tf.constant(images)).numpy()
     theirs = reference(images).numpy()

@@ -57,7 +57,7 @@ def penalty_hessian(kind, model):
         outer.watch(th)
         with tf.GradientTape() as inner:
             inner.watch(th)
-            value = tf_penalty(kind, th, model.image_size)
+            value = tf_penalty(kind, th, model.config.get("image_size", 28))
         grad = inner.gradient(value, th)
     return outer.jacobian(grad, th).numpy()
 

@@ -194,13 +194,21 @@ def describe_run(args, problem, comm) -> str:
 
     return (f"hessmpi {__version__}: {problem.model.describe()}; loss {problem.loss!r}; {problem.samples.name}, "
             f"{problem.n_samples:,} samples over {comm.Get_size()} rank(s); "
-            f"{runtime.configure_threads(1)} TensorFlow thread(s) per rank; "
+            f"{runtime.threads()} TensorFlow thread(s) per rank; "
             f"weights: {args.weights or ('initialisation (seed %d)' % args.seed if problem.model.kind else 'the model')}")
+
+
+def weights_of(args) -> str:
+    """Where θ came from, for the results file: --weights, a built-in model's initialisation, or
+    a Keras model's own weights."""
+    from ..models import builtin
+
+    return args.weights or ("init" if args.model in builtin.MODELS else "model")
 
 
 def run_attrs(args, started: float) -> dict:
     """The root attributes a script adds to its results file: seed, weights, wall time."""
-    return {"seed": args.seed, "weights": args.weights or "init", "wall_time": time.perf_counter() - started}
+    return {"seed": args.seed, "weights": weights_of(args), "wall_time": time.perf_counter() - started}
 
 
 def progress_printer(every: float = 10.0):

@@ -16,7 +16,7 @@ import sys
 import traceback
 
 from .. import runtime
-from ..errors import HessmpiError
+from ..errors import HessmpiError, agree
 from . import petsc_options
 
 
@@ -27,25 +27,17 @@ def all_ranks(comm, exit: bool = True):
     A HessmpiError exits with status 2 and its message; any other exception with
     status 1 and its traceback. Rank 0 prints the first failing rank's message.
     With exit=False every rank raises instead the same collective HessmpiError holding
-    that message, for a caller that is itself inside all_ranks (or a test).
+    that message (errors.agree), for a caller that is itself inside all_ranks (or a test).
     """
-    outcome = None
     try:
-        yield
+        with agree(comm):
+            yield
     except HessmpiError as e:
-        outcome = (2, str(e))
-    except Exception:
-        outcome = (1, traceback.format_exc())
-    outcomes = comm.allgather(outcome)
-    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
-    if failed:
-        rank, (code, message) = failed[0]
-        where = f"[rank {rank}] " if len(failed) < comm.Get_size() else ""
         if not exit:
-            raise HessmpiError(f"{where}{message}".rstrip(), collective=True)
+            raise
         if comm.Get_rank() == 0:
-            print(f"{where}{'error: ' if code == 2 else ''}{message}".rstrip(), file=sys.stderr, flush=True)
-        raise SystemExit(code)
+            print(f"{'error: ' if e.status == 2 else ''}{e}".rstrip(), file=sys.stderr, flush=True)
+        raise SystemExit(e.status)
 
 
 def main_guard(main) -> None:
@@ -64,12 +56,12 @@ def main_guard(main) -> None:
         size = comm.Get_size() if comm is not None else 1
         if isinstance(e, HessmpiError) and e.collective:  # every rank raised it: one message, no abort
             if rank == 0:
-                print(f"error: {e}", file=sys.stderr, flush=True)
+                print(f"{'error: ' if e.status == 2 else ''}{e}".rstrip(), file=sys.stderr, flush=True)
             sys.stdout.flush()
             comm.Barrier()
             # At once: PETSc's finalization would trip over the state the error left a
             # solver in (e.g. an EPS interrupted mid-iteration) and print its traceback.
-            os._exit(2)
+            os._exit(e.status)
         if isinstance(e, HessmpiError):
             text, code = f"error: {e}", 2
         elif isinstance(e, KeyboardInterrupt):

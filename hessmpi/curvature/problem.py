@@ -106,7 +106,8 @@ class Problem:
 
         return {"model": self.model.name, "dataset": self.samples.name, "n_params": self.n_params,
                 "n_samples": self.n_samples, "n_ranks": self.comm.Get_size(), "dtype": self.model.dtype,
-                "hessmpi_version": results.version(), "command": results.command(), "loss": repr(self.loss)}
+                "hessmpi_version": results.version(), "command": results.command(), "loss": repr(self.loss),
+                "data_fingerprint": self.samples.fingerprint}
 
 
 def check_fit(model, loss, samples) -> None:

@@ -7,6 +7,8 @@ classes interleaved. `Dataset.split` hands a split to an analysis as `samples.Da
 whose pixels the model sees scaled to [0, 1].
 """
 
+from __future__ import annotations
+
 import gzip
 import hashlib
 import importlib.util

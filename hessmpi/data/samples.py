@@ -12,6 +12,8 @@ TensorFlow but `Stream` and `LocalShard`.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +87,17 @@ class Data:
     def n(self) -> int:
         return len(self.y)
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest of every array's dtype, shape and bytes: what tells a checkpoint whose
+        samples these were."""
+        digest = hashlib.blake2b(digest_size=12)
+        for a in [*_leaves(self.x), self.y]:
+            a = np.ascontiguousarray(a)
+            digest.update(f"{a.dtype.str}{a.shape}".encode())
+            digest.update(a.data)
+        return digest.hexdigest()
+
     def rows(self, start: int, stop: int) -> "Data":
         """Rows start..stop−1 (views; possibly none)."""
         return self._view(_map(lambda a: a[start:stop], self.x), self.y[start:stop])
@@ -142,8 +155,10 @@ class Stream:
 
     A batched dataset (its x one rank higher than `sample_rank`, when that is given) is
     unbatched, and n counts samples, not batches (a finite one is counted in one pass).
-    n defaults to the dataset's cardinality; an infinite or unknown one needs n. Each
-    rank reads only its block, from the start of the dataset, at every pass.
+    n defaults to the dataset's cardinality; an infinite or unknown one needs n, and one
+    of unknown length is counted up to n once. Each rank reads only its block, from the
+    start of the dataset, at every pass: the dataset must give the same samples in the
+    same order at every pass (no reshuffling shuffle), or the operator is not one matrix.
     """
 
     def __init__(self, dataset, n: int | None = None, name: str = "tf.data", sample_rank: int | None = None):
@@ -165,10 +180,18 @@ class Stream:
             if cardinality < 0:
                 raise DataError("the tf.data.Dataset's length is unknown or infinite; pass n_samples")
             n = cardinality
+        elif cardinality == tf.data.UNKNOWN_CARDINALITY:  # a short one would leave the last ranks short
+            cardinality = int(dataset.take(n).reduce(np.int64(0), lambda count, *_: count + 1))
         if n < 1 or (cardinality >= 0 and n > cardinality):
             raise DataError(f"n_samples {n} is out of range: the dataset has "
                             f"{cardinality if cardinality >= 0 else 'an unknown number of'} samples")
         self.n = n
+
+    @property
+    def fingerprint(self) -> str:
+        """What tells a checkpoint whose samples these were, short of reading them: the
+        stream's name, length and element spec."""
+        return f"{self.name}:{self.n}:{self.dataset.element_spec!r}"
 
     def first(self) -> tuple:
         """The first sample (x, y) as numpy values."""
@@ -182,11 +205,12 @@ class Stream:
             yield from self.dataset.take(self.n).skip(start).take(stop - start).batch(micro_batch)
 
 
-def as_samples(data, n_samples: int | None = None, sample_rank: int | None = None):
+def as_samples(data, n_samples: int | None = None, sample_rank: int | None = None, what: str = "--n-samples"):
     """Data or Stream from what the API accepts: Data, Stream, an (x, y) pair of arrays, or
     a tf.data.Dataset of (x, y) samples (or of batches of them, unbatched when sample_rank,
     the number of axes of one sample's first input, says so); only the first n_samples are
-    used (all if None). DataError if n_samples is outside 1..available."""
+    used (all if None). DataError, naming the setting `what`, if n_samples is outside
+    1..available."""
     import sys
 
     if isinstance(data, (Data, Stream)):
@@ -201,7 +225,7 @@ def as_samples(data, n_samples: int | None = None, sample_rank: int | None = Non
     if n_samples is None or n_samples == samples.n:
         return samples
     if not 1 <= n_samples <= samples.n:
-        raise DataError(f"--n-samples {n_samples} is out of range: {samples.name} has {samples.n:,} "
+        raise DataError(f"{what} {n_samples} is out of range: {samples.name} has {samples.n:,} "
                         f"samples (use 1..{samples.n})")
     if isinstance(samples, Stream):
         return Stream(samples.dataset, n_samples, samples.name)

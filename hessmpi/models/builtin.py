@@ -100,5 +100,4 @@ def build(name: str, dtype: str = "float64", seed: int = 0, **config):
     flat = FlatModel(keras_model(name, dtype, **config), dtype, name=name)
     flat.set_params(init(name, seed, **config))
     flat.kind, flat.config = name, dict(config)
-    flat.image_size = config.get("image_size", 28)
     return flat

@@ -12,7 +12,6 @@ user's model as the place where θ is read and written back.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,9 +149,6 @@ def copy_in_dtype(model, dtype: str):
     return copy
 
 
-_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Keras model → {(dtype, name): FlatModel}
-
-
 class FlatModel:
     """A built Keras model as a function of the flat vector θ of its trainable variables.
 
@@ -190,14 +186,21 @@ class FlatModel:
         self.config = {}  # a built-in model's construction settings (its tiny test variants)
 
     @classmethod
-    def of(cls, model, dtype: str | None = None, name: str | None = None) -> "FlatModel":
+    def of(cls, model, dtype: str | None = None, name: str | None = None, like: "FlatModel | None" = None):
         """The FlatModel of a Keras model, shared by every analysis of that model in the same
-        dtype, so that its TensorFlow functions are traced once. A copy in another dtype takes
-        the model's non-trainable variables (BatchNormalization's statistics) again."""
-        shared = _SHARED.setdefault(model, {})
-        key = (dtype, name)
+        dtype and with the same trainable variables (kept on the model itself, so it goes
+        with it), so that its TensorFlow functions are traced once. A copy in another dtype
+        takes the model's non-trainable variables (BatchNormalization's statistics) again.
+        like: a FlatModel of the same model whose built-in kind and settings this one keeps."""
+        variables = getattr(model, "trainable_variables", None)
+        dtypes = {v.dtype for v in variables or []}
+        own = dtypes.pop() if len(dtypes) == 1 else None
+        key = (dtype or own, name, tuple(v.path for v in variables or []))
+        shared = model.__dict__.setdefault("_hessmpi_flat_models", {})  # past Keras' attribute tracking
         if key not in shared:
             shared[key] = cls(model, dtype, name)
+            if like is not None:
+                shared[key].kind, shared[key].config = like.kind, like.config
         flat = shared[key]
         if flat.keras is not model:
             for copy, own in zip(flat.keras.non_trainable_variables, model.non_trainable_variables):

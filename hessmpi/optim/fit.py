@@ -147,6 +147,7 @@ class TrainingRun:
     attrs: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)
     layout: object = None
+    comm: object = field(default=None, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -156,14 +157,16 @@ class TrainingRun:
         return training.run_datasets(self.theta, self.history, self.state, self.layout)
 
     def save(self, path: str, **attrs) -> str:
-        results.save(path, self.datasets(), {**self.attrs, **attrs})
+        """Write the results file (atomically, by rank 0 of the run's ranks); attrs join its root
+        attributes. Returns path."""
+        results.save(path, self.datasets(), {**self.attrs, **attrs}, self.comm)
         return path
 
     def plot(self, path: str | None = None):
         """Objective, gradient norm and accuracies against data sweeps (plots.training)."""
         from ..plots import training as training_plots
 
-        return training_plots.history(self.datasets(), self.attrs, path)
+        return training_plots.history(self.datasets(), self.attrs, path, comm=self.comm)
 
 
 def progress_line(history: training.History, method: str) -> str:
@@ -183,7 +186,8 @@ def train(op, method: str = "newton", test=None, n_test: int | None = None, chec
           resume: bool = True, stop_after: int | None = None, attrs: dict | None = None, config: dict | None = None,
           log=None, **settings) -> TrainingRun:
     """Train the model of op's problem (op: hessmpi.Hessian or GGN; Newton uses that
-    curvature) by `method` from its current θ, on every rank. Collective.
+    curvature) by `method` from its current θ, on every rank, and write the final θ into
+    the Keras model's variables. Collective.
 
     test: test samples (an (x, y) pair, data.Data) for the test accuracy, of which the first
     n_test. checkpoint: a results file rewritten at every recorded row; with resume, a run
@@ -196,32 +200,35 @@ def train(op, method: str = "newton", test=None, n_test: int | None = None, chec
     import os
 
     from .. import runtime
-    from ..curvature.operator import BlockOperator
     from ..data.samples import as_samples
-    from ..errors import NumericalError
+    from ..errors import NumericalError, agree
 
     log = runtime.say if log is None else log
     problem = op.problem
-    if problem is None or isinstance(op, BlockOperator):
-        raise HessmpiError("training needs a problem's curvature over all parameters (hessmpi.Hessian or GGN "
-                           "without layer=)")
-    settings.setdefault("curvature", getattr(op, "kind", "hessian"))
-    s = Settings(method=method, **settings).check(problem.n_samples)
-    if stop_after is not None and stop_after < 0:
-        raise HessmpiError(f"--stop-after must be at least 0, got {stop_after}")
-    cost = training.Cost()
-    test_problem = training.held_out(problem, as_samples(test), n_test) if test is not None else None
-    objective = training.Objective(problem, s.regularization, s.gamma, cost, test=test_problem)
-    method_impl = make_method(s, objective, problem, problem.micro_batch)
-    identity = {**{k: problem.attrs()[k] for k in ("model", "dataset", "n_samples", "dtype")},
-                "micro_batch": problem.micro_batch, "hvp_mode": problem.hvp_mode,
-                "n_test": test_problem.n_samples if test_problem else 0, **s.identity(), **(config or {})}
-    theta, history = problem.theta.copy(), training.History()
-    resumed = bool(checkpoint and resume and os.path.exists(checkpoint))
-    if resumed:
-        theta, history, state, _ = training.load_checkpoint(checkpoint, identity, problem.comm)
-        method_impl.restore(state)
-        cost.restore(history)
+    if problem is None or op not in (problem.hessian, problem.ggn):
+        raise HessmpiError("training needs a problem's Hessian or GGN over all parameters (hessmpi.Hessian or "
+                           "hessmpi.GGN, without layer= and not a sum: the regularization is gamma=)")
+    comm = problem.comm
+    with agree(comm):  # a setting, the test data or the checkpoint refused: the same error on every rank
+        if method == "newton":
+            settings.setdefault("curvature", getattr(op, "kind", "hessian"))
+        s = Settings(method=method, **settings).check(problem.n_samples)
+        if stop_after is not None and stop_after < 0:
+            raise HessmpiError(f"--stop-after must be at least 0, got {stop_after}")
+        cost = training.Cost()
+        test_problem = training.held_out(problem, as_samples(test, n_test, what="--n-test")) if test is not None else None
+        objective = training.Objective(problem, s.regularization, s.gamma, cost, test=test_problem)
+        method_impl = make_method(s, objective, problem, problem.micro_batch)
+        identity = {**{k: problem.attrs()[k] for k in ("model", "dataset", "data_fingerprint", "n_samples", "dtype",
+                                                        "loss")},
+                    "micro_batch": problem.micro_batch, "hvp_mode": problem.hvp_mode,
+                    "n_test": test_problem.n_samples if test_problem else 0, **s.identity(), **(config or {})}
+        theta, history = problem.theta.copy(), training.History()
+        resumed = comm.bcast(bool(checkpoint and resume and os.path.exists(checkpoint)))  # rank 0's view
+        if resumed:
+            theta, history, state, _ = training.load_checkpoint(checkpoint, identity, comm)
+            method_impl.restore(state)
+            cost.restore(history)
     base = {**problem.attrs(), "method": s.method, "regularization": s.regularization, "gamma": s.gamma,
             "config": json.dumps(identity), **(attrs or {})}
     log(f"method {s.method}: F = mean loss + {s.gamma:g}/2·θᵀRθ (R: {s.regularization}); "
@@ -236,7 +243,7 @@ def train(op, method: str = "newton", test=None, n_test: int | None = None, chec
 
     def save_row(theta, history):
         a = run_attrs(False)
-        if problem.comm.Get_rank() == 0:
+        if comm.Get_rank() == 0:
             training.save(checkpoint, theta, history, method_impl.state(), a, problem.model.layout)
 
     try:
@@ -250,9 +257,10 @@ def train(op, method: str = "newton", test=None, n_test: int | None = None, chec
         if hasattr(method_impl, "destroy"):  # PETSc objects, collectively
             method_impl.destroy()
     problem.set_params(theta)
+    problem.model.set_params(theta)  # the Keras model holds the trained weights
     run = TrainingRun(theta, history, reason, run_attrs(reason != "stopped", reason), method_impl.state(),
-                      problem.model.layout)
-    if checkpoint and problem.comm.Get_rank() == 0:
+                      problem.model.layout, comm)
+    if checkpoint and comm.Get_rank() == 0:
         training.save(checkpoint, theta, history, run.state, run.attrs, problem.model.layout)
     return run
 

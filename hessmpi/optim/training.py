@@ -120,16 +120,12 @@ class Objective:
         return train, self.test.accuracy()
 
 
-def held_out(problem, test_samples, n_test: int | None):
-    """A Problem on the first n_test (all if None) of test_samples (a data.Data), with the
-    model, loss and ranks of `problem`: what the test accuracy is measured on."""
+def held_out(problem, test_samples):
+    """A Problem on test_samples (data.Data or Stream), with the model, loss and ranks of
+    `problem`: what the test accuracy is measured on."""
     from ..curvature.problem import Problem
 
-    n_test = test_samples.n if n_test is None else n_test
-    if not 1 <= n_test <= test_samples.n:
-        raise HessmpiError(f"--n-test {n_test} is out of range: {test_samples.name} has {test_samples.n:,} test "
-                           f"samples (use 1..{test_samples.n})")
-    return Problem(problem.model, problem.loss, test_samples.rows(0, n_test), problem.comm, problem.micro_batch,
+    return Problem(problem.model, problem.loss, test_samples, problem.comm, problem.micro_batch,
                    problem.hvp_mode, problem.theta)
 
 

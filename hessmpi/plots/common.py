@@ -33,12 +33,13 @@ def save(fig, path: str) -> None:
             os.unlink(tmp)
 
 
-def finish(fig, path: str | None):
-    """Save fig to path (by rank 0) if path is given; return fig, which a notebook shows."""
+def finish(fig, path: str | None, comm=None):
+    """Save fig to path (by rank 0 of comm, default MPI_COMM_WORLD) if path is given; return
+    fig, which a notebook shows."""
     if path is not None:
         from .. import runtime
 
-        if runtime.rank() == 0:
+        if (comm.Get_rank() if comm is not None else runtime.rank()) == 0:
             save(fig, path)
     else:
         import matplotlib.pyplot  # noqa: F401  (in a notebook: the inline backend shows a returned figure)
@@ -56,7 +57,7 @@ def matrix_title(attrs: dict) -> str:
     reg = attrs.get("regularization", "none")
     if reg not in ("none", None):
         matrix += f" + {float(attrs.get('gamma')):g}·R ({reg})"
-    layer = attrs.get("layer") or "all"  # "all" in files written before RunRecord recorded ""
+    layer = attrs.get("layer") or "all"  # "all" in files of earlier versions, "" now
     where = "" if layer == "all" else f", block of {layer}"
     return f"{attrs.get('model')} {matrix}{where}"
 

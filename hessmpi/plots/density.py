@@ -7,7 +7,7 @@ import numpy as np
 from .common import finish, matrix_title, subplots
 
 
-def density(datasets: dict, attrs: dict, path: str | None = None, reference=None):
+def density(datasets: dict, attrs: dict, path: str | None = None, reference=None, comm=None):
     """Two panels as a PNG: the density φ(λ) on a log axis (the outliers and the bulk
     at once), and the mass per decade of |λ| for positive and negative λ (the bulk
     near zero), with the trace, the mass below zero and the smoothing widths.
@@ -59,7 +59,7 @@ def density(datasets: dict, attrs: dict, path: str | None = None, reference=None
     ax2.legend(fontsize=8)
     fig.suptitle(f"stochastic Lanczos quadrature: {attrs.get('probes')} probes × {attrs.get('lanczos_steps')} "
                  f"steps, {attrs.get('n_matvecs')} products, {attrs.get('n_ranks')} rank(s)", fontsize=9)
-    return finish(fig, path)
+    return finish(fig, path, comm)
 
 
 def _smoothed(grid, eigenvalues, width):

@@ -20,7 +20,7 @@ def _title(attrs) -> str:
     return f"{matrix_title(attrs)}, {attrs.get('dataset')}, {attrs.get('dtype')}, weights: {attrs.get('weights')}"
 
 
-def curve(datasets: dict, attrs: dict, path: str | None = None):
+def curve(datasets: dict, attrs: dict, path: str | None = None, comm=None):
     """Rank against n with the 9·n line and the caps; counts above thresholds; dead pixels."""
     n = np.asarray(datasets[RC + "batch_sizes"])
     ranks = np.asarray(datasets[RC + "ranks"])
@@ -78,10 +78,10 @@ def curve(datasets: dict, attrs: dict, path: str | None = None):
     else:
         ax3.axis("off")
     fig.suptitle(_title(attrs), fontsize=10)
-    return finish(fig, path)
+    return finish(fig, path, comm)
 
 
-def spy(datasets: dict, attrs: dict, path: str | None = None, panels: int = 4):
+def spy(datasets: dict, attrs: dict, path: str | None = None, panels: int = 4, comm=None):
     """The pixel coupling pattern (H's pattern is this ⊗ a dense 10 × 10 block) for a few n."""
     n = np.asarray(datasets[RC + "batch_sizes"])
     patterns = np.asarray(datasets[RC + "pixel_pattern"])
@@ -93,7 +93,7 @@ def spy(datasets: dict, attrs: dict, path: str | None = None, panels: int = 4):
         ax.tick_params(labelsize=7)
     fig.suptitle("Softmax Hessian sparsity: pixel p couples to q iff some image has both nonzero "
                  "(each dot is a dense 10×10 block of H)", fontsize=10)
-    return finish(fig, path)
+    return finish(fig, path, comm)
 
 
 def _class_images(ax_row, images, side, symmetric=True, cmap="RdBu_r"):
@@ -105,7 +105,7 @@ def _class_images(ax_row, images, side, symmetric=True, cmap="RdBu_r"):
         ax.set_yticks([])
 
 
-def eigenvectors(datasets: dict, attrs: dict, path: str | None = None):
+def eigenvectors(datasets: dict, attrs: dict, path: str | None = None, comm=None):
     """Each top eigenvector as 10 images (its weights for each class)."""
     vecs = np.asarray(datasets[RC + "top_eigenvectors"])
     values = np.asarray(datasets[RC + "top_eigenvalues"])
@@ -120,10 +120,10 @@ def eigenvectors(datasets: dict, attrs: dict, path: str | None = None):
     n = int(np.asarray(datasets.get(RC + "top_eigenvectors_batch_size", -1)))
     fig.suptitle(f"top eigenvectors of the Hessian, n = {n} (equal eigenvalues: any basis of the eigenspace)",
                  fontsize=10)
-    return finish(fig, path)
+    return finish(fig, path, comm)
 
 
-def weights(datasets: dict, attrs: dict, path: str | None = None):
+def weights(datasets: dict, attrs: dict, path: str | None = None, comm=None):
     """The weight vector as one image per class."""
     theta = np.asarray(datasets["model/params"])
     classes = 10
@@ -133,13 +133,13 @@ def weights(datasets: dict, attrs: dict, path: str | None = None):
     for c in range(classes):
         axes[0, c].set_title(f"class {c}", fontsize=8)
     fig.suptitle(f"weights ({attrs.get('weights')})", fontsize=10)
-    return finish(fig, path)
+    return finish(fig, path, comm)
 
 
-def write_all(datasets: dict, attrs: dict, prefix: str | None = None) -> list:
-    """Every figure the data allows: written as prefix*.png (returns the paths) if prefix is
-    given, else returned as figures."""
-    softmax = attrs.get("model") == "softmax"
+def write_all(datasets: dict, attrs: dict, prefix: str | None = None, comm=None) -> list:
+    """Every figure the data allows: written as prefix*.png (by rank 0 of comm; returns the
+    paths) if prefix is given, else returned as figures."""
+    softmax = bool(attrs.get("closed_form", attrs.get("model") == "softmax"))  # weights as 28×28 images
     theta = datasets.get("model/params")
     figures = [("", curve)]
     if RC + "pixel_pattern" in datasets:
@@ -151,5 +151,5 @@ def write_all(datasets: dict, attrs: dict, prefix: str | None = None) -> list:
     if prefix is None:
         return [draw(datasets, attrs) for _, draw in figures]
     for suffix, draw in figures:
-        draw(datasets, attrs, prefix + suffix + ".png")
+        draw(datasets, attrs, prefix + suffix + ".png", comm=comm)
     return [prefix + suffix + ".png" for suffix, _ in figures]

@@ -7,7 +7,7 @@ import numpy as np
 from .common import finish, matrix_title, subplots
 
 
-def spectrum(datasets: dict, attrs: dict, path: str | None = None):
+def spectrum(datasets: dict, attrs: dict, path: str | None = None, comm=None):
     """Eigenvalues against their index (with their confidence intervals if the datasets hold
     them), and their relative residuals: a figure, saved to path if given; the title names
     the matrix (attrs "operator", "layer")."""
@@ -31,4 +31,4 @@ def spectrum(datasets: dict, attrs: dict, path: str | None = None):
     ax2.set_xlabel("index")
     ax2.set_ylabel("‖Hx − λx‖ / |λ|")
     ax2.set_title(f"residuals ({attrs.get('n_matvecs')} HVPs, {attrs.get('n_ranks')} ranks)")
-    return finish(fig, path)
+    return finish(fig, path, comm)

@@ -13,7 +13,7 @@ def _label(attrs: dict, path: str) -> str:
     return f"{attrs.get('method', '?')} ({os.path.basename(path)})"
 
 
-def history(datasets: dict, attrs: dict, path: str | None = None):
+def history(datasets: dict, attrs: dict, path: str | None = None, comm=None):
     """Objective, gradient norm and accuracies of one run against data sweeps, as a PNG."""
     sweeps = np.asarray(datasets["newton/sweeps"])
     fig, (ax1, ax2, ax3) = subplots(1, 3, figsize=(14, 4))
@@ -29,10 +29,10 @@ def history(datasets: dict, attrs: dict, path: str | None = None):
         ax.set_xlabel("data sweeps")
     fig.suptitle(f"{attrs.get('method')} on {attrs.get('model')}, {attrs.get('dataset')} "
                  f"(N = {attrs.get('n_samples')}, γ = {attrs.get('gamma')}, {attrs.get('regularization')})")
-    return finish(fig, path)
+    return finish(fig, path, comm)
 
 
-def compare(runs: list, path: str | None = None):
+def compare(runs: list, path: str | None = None, comm=None):
     """Loss and test accuracy against data sweeps and against wall time, one curve per
     run; runs is a list of (path, datasets, attrs)."""
     fig, axes = subplots(2, 2, figsize=(12, 8))
@@ -58,4 +58,4 @@ def compare(runs: list, path: str | None = None):
     axes[0, 0].legend(fontsize=8)
     first = runs[0][2]
     fig.suptitle(f"{first.get('model')} on {first.get('dataset')}, N = {first.get('n_samples')}")
-    return finish(fig, path)
+    return finish(fig, path, comm)

@@ -40,7 +40,8 @@ def plan(op, batch_sizes=None, method: str = "auto", regularization: str = "none
     problem = op.problem
     if problem is None:
         raise HessmpiError("a rank curve needs the curvature of a problem (hessmpi.Hessian or hessmpi.GGN)")
-    sizes = batch_sizes if isinstance(batch_sizes, list) else rank.parse_batch_sizes(batch_sizes, problem.n_samples)
+    sizes = (rank.parse_batch_sizes(batch_sizes, problem.n_samples) if batch_sizes is None or isinstance(batch_sizes, str)
+             else sorted({int(n) for n in batch_sizes}))
     too_big = [n for n in sizes if not 1 <= n <= problem.n_samples]
     if too_big:
         raise HessmpiError(f"--batch-sizes: {', '.join(map(str, too_big))} outside 1..{problem.n_samples}")
@@ -116,6 +117,7 @@ class RankCurve:
 
     datasets: dict
     attrs: dict = field(default_factory=dict)
+    comm: object = field(default=None, repr=False)  # the ranks of the run: rank 0 writes
 
     @property
     def batch_sizes(self) -> np.ndarray:
@@ -127,7 +129,7 @@ class RankCurve:
 
     def save(self, path: str, **attrs) -> str:
         """Write the results file on rank 0, atomically; attrs join the root attributes."""
-        results.save(path, self.datasets, {**self.attrs, **attrs})
+        results.save(path, self.datasets, {**self.attrs, **attrs}, self.comm)
         return path
 
     def plot(self, prefix: str | None = None):
@@ -136,7 +138,7 @@ class RankCurve:
         else returned (a notebook shows them)."""
         from ..plots import rank as rank_plots
 
-        return rank_plots.write_all(self.datasets, self.attrs, prefix)
+        return rank_plots.write_all(self.datasets, self.attrs, prefix, self.comm)
 
 
 def rank_curve(op, batch_sizes=None, method: str = "auto", regularization: str = "none", gamma: float = 1e-4,
@@ -167,8 +169,8 @@ def rank_curve(op, batch_sizes=None, method: str = "auto", regularization: str =
     for i, n in enumerate(p.sizes):
         t0 = time.perf_counter()
         bounds = None
-        if comm.Get_rank() == 0 and getattr(samples, "pixels", False):
-            bounds = rank.data_bounds(samples.features(0, n))
+        if getattr(samples, "pixels", False):  # rank 0 computes, every rank gets the same table
+            bounds = comm.bcast(rank.data_bounds(samples.features(0, n)) if comm.Get_rank() == 0 else None)
             table.put("dead_pixels", i, bounds["dead_pixels"])
             table.put("rank_x", i, bounds["rank_x"])
             if p.closed_form:
@@ -236,7 +238,7 @@ def rank_curve(op, batch_sizes=None, method: str = "auto", regularization: str =
              "matrix size * machine epsilon (float64 for the dense route, --dtype for matrix-free)",
              "method": ",".join(p.methods), "regularization": regularization, "matrix_size": p.size,
              "gamma": gamma if regularization != "none" else 0.0, "max_rank": p.max_rank,
-             "ranks_agree": -1 if ranks_agree is None else int(ranks_agree),
+             "ranks_agree": -1 if ranks_agree is None else int(ranks_agree), "closed_form": int(p.closed_form),
              "compute_seconds": compute_seconds, "comm_seconds": comm_seconds,
              "wall_time": time.perf_counter() - t_start}
     datasets = {f"rank_curve/{k}": v for k, v in table.data.items()}
@@ -250,4 +252,4 @@ def rank_curve(op, batch_sizes=None, method: str = "auto", regularization: str =
         datasets["rank_curve/top_eigenvectors"] = vectors[2]
     datasets.update(model_datasets(problem))
     log(f"{total_hvps} Hessian-vector products in {attrs['wall_time']:.1f} s")
-    return RankCurve(datasets, attrs)
+    return RankCurve(datasets, attrs, comm)

@@ -52,6 +52,7 @@ class Density:
     datasets: dict
     attrs: dict = field(default_factory=dict)
     lines: list = field(default_factory=list)
+    comm: object = field(default=None, repr=False)  # the ranks of the run: rank 0 writes
 
     @property
     def trace(self) -> tuple[float, float]:
@@ -63,7 +64,7 @@ class Density:
 
     def save(self, path: str, **attrs) -> str:
         """Write the results file on rank 0, atomically; attrs join the root attributes."""
-        results.save(path, self.datasets, {**self.attrs, **attrs})
+        results.save(path, self.datasets, {**self.attrs, **attrs}, self.comm)
         return path
 
     def plot(self, path: str | None = None, reference=None):
@@ -71,7 +72,7 @@ class Density:
         if given; reference: exact eigenvalues to draw smoothed alike."""
         from ..plots import density as density_plots
 
-        return density_plots.density(self.datasets, self.attrs, path, reference)
+        return density_plots.density(self.datasets, self.attrs, path, reference, comm=self.comm)
 
 
 def summarize(q: slq.Quadrature, smoothing: Smoothing, dtype: str) -> tuple[dict, dict, list]:
@@ -153,6 +154,7 @@ def spectral_density(op, probes: int = 10, steps: int = 80, distribution: str = 
     check_settings(probes, steps, hutchpp, distribution)
     smoothing.check()
     t0 = time.perf_counter()
+    start = op.n_matvecs, op.compute_seconds, op.comm_seconds
     problem = getattr(op, "problem", None)
     dtype = problem.model.dtype if problem is not None else "float64"
     steps = min(steps, op.n)
@@ -174,11 +176,11 @@ def spectral_density(op, probes: int = 10, steps: int = 80, distribution: str = 
     finally:
         mat.destroy()  # on every rank: left to garbage collection, PETSc's exit could hang
     datasets.update(model_datasets(problem))
-    attrs = {**operator_attrs(op), **attrs, "n_matvecs": op.n_matvecs, "slq_matvecs": q.n_matvecs,
+    attrs = {**operator_attrs(op), **attrs, "n_matvecs": op.n_matvecs - start[0], "slq_matvecs": q.n_matvecs,
              "hutchpp_matvecs": pp.n_matvecs if pp else 0, "iterations": int(q.steps.sum()),
-             "converged": q.n_probes, "operator_size": op.n, "compute_seconds": op.compute_seconds,
-             "comm_seconds": op.comm_seconds, "wall_time": time.perf_counter() - t0}
-    return Density(datasets, attrs, lines)
+             "converged": q.n_probes, "operator_size": op.n, "compute_seconds": op.compute_seconds - start[1],
+             "comm_seconds": op.comm_seconds - start[2], "wall_time": time.perf_counter() - t0}
+    return Density(datasets, attrs, lines, op.comm)
 
 
 def resmooth(path: str, smoothing: Smoothing) -> Density:

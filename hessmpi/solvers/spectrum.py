@@ -50,6 +50,8 @@ class Eigenpairs:
     group_sizes: np.ndarray | None = None
     confidence: float = float("nan")
     extra: dict = field(default_factory=dict)  # datasets to store besides the contract (/model/*)
+    comm: object = field(default=None, repr=False)  # the ranks of the solve: rank 0 writes
+    checkpoint: str | None = None  # the solve's checkpoint, removed once the result is saved
 
     @property
     def k(self) -> int:
@@ -85,8 +87,12 @@ class Eigenpairs:
 
     def save(self, path: str, **attrs) -> str:
         """Write the results file (the /spectrum contract, θ and its layout) on rank 0, atomically;
-        attrs are added to the file's root attributes. Returns path."""
-        results.save(path, self.datasets(), {**self.attrs, **attrs})
+        attrs are added to the file's root attributes; then remove the solve's checkpoint, if
+        it had one. Returns path."""
+        results.save(path, self.datasets(), {**self.attrs, **attrs}, self.comm)
+        rank = self.comm.Get_rank() if self.comm is not None else 0
+        if self.checkpoint and rank == 0 and os.path.exists(self.checkpoint):
+            os.unlink(self.checkpoint)
         return path
 
     def plot(self, path: str | None = None):
@@ -94,7 +100,7 @@ class Eigenpairs:
         figure (shown inline in a notebook), also written to path as a PNG if given."""
         from ..plots import spectrum
 
-        return spectrum.spectrum(self.datasets(), self.attrs, path)
+        return spectrum.spectrum(self.datasets(), self.attrs, path, comm=self.comm)
 
 
 def default_tol(op) -> float:
@@ -144,10 +150,15 @@ def eigenpairs(op, k: int = 10, which: str = "largest", tol: float | None = None
     else:
         groups = 0
     attrs = operator_attrs(op)
-    identity = {**{key: attrs.get(key) for key in ("model", "dataset", "n_samples", "dtype", "operator", "layer")},
-                "seed": seed, "which": which, "nev": k, "tol": tol}
+    if checkpoint and attrs["operator"] not in ("hessian", "ggn"):
+        raise HessmpiError("a checkpoint needs a problem's curvature (hessmpi.Hessian or GGN, or a block of one), "
+                           "not a sum with other terms")
+    identity = {**{key: attrs.get(key) for key in ("model", "dataset", "data_fingerprint", "n_samples", "dtype",
+                                                    "loss", "operator", "layer")},
+                "operator_size": op.n, "seed": seed, "which": which, "nev": k, "tol": tol}
     theta = problem.theta if problem is not None else np.zeros(0)
     comm = op.comm
+    seconds = op.compute_seconds, op.comm_seconds
     mat = shell_matrix(op)
     resume = None
     try:
@@ -160,7 +171,7 @@ def eigenpairs(op, k: int = 10, which: str = "largest", tol: float | None = None
                     saved = str(e)
             saved = comm.bcast(saved)
             if isinstance(saved, str):  # the same error on every rank
-                raise HessmpiError(saved)
+                raise HessmpiError(saved, collective=True)
             if saved is not None:
                 resume = eigen.Progress(vectors=[vec_from_full(mat, x) for x in saved.pop("vectors")], **saved)
                 log(f"checkpoint {checkpoint}: {resume.passes} pass(es) done before")
@@ -174,9 +185,9 @@ def eigenpairs(op, k: int = 10, which: str = "largest", tol: float | None = None
         res = eigen.solve(mat, k, which, tol=tol, prefix=prefix, seed=seed, max_passes=max_passes,
                           matvec_counter=lambda: op.n_matvecs, log=lambda line: log("  " + line),
                           on_pass=on_pass if checkpoint else None, resume=resume)
-        if res.converged == 0:
+        if res.converged == 0:  # the same on every rank
             raise HessmpiError(f"no eigenpair converged in {res.iterations} iterations; try "
-                               f"-{prefix}eps_max_it, -{prefix}eps_ncv or a looser tolerance")
+                               f"-{prefix}eps_max_it, -{prefix}eps_ncv or a looser tolerance", collective=True)
         vectors = np.array([vec_to_full(v, comm) for v in res.vectors]).reshape(len(res.vectors), op.n)
         for v in res.vectors + (resume.vectors if resume else []):  # destroying one twice is harmless
             v.destroy()
@@ -189,22 +200,19 @@ def eigenpairs(op, k: int = 10, which: str = "largest", tol: float | None = None
         log(f"warning: only {res.converged} of {k} eigenpairs converged; try -{prefix}eps_max_it or "
             f"-{prefix}eps_ncv")
     result = Eigenpairs(res.values, vectors, res.residuals, which, tol, res.n_matvecs, res.iterations, res.passes,
-                        res.wall_time, res.solver)
+                        res.wall_time, res.solver, comm=comm, checkpoint=checkpoint)
     if groups:
         spread = errorbars.for_operator(op, vectors, n_groups=groups, confidence=confidence)
         result.stderr, result.ci_low, result.ci_high = spread.stderr, spread.low, spread.high
         result.group_quotients, result.group_sizes, result.confidence = spread.quotients, spread.sizes, confidence
     result.attrs = {**attrs, "n_matvecs": res.n_matvecs, "iterations": res.iterations, "converged": res.converged,
                     "passes": res.passes, "eps_type": res.solver, "tol": tol, "which": which, "nev": k,
-                    "wall_time": res.wall_time, "compute_seconds": op.compute_seconds,
-                    "comm_seconds": op.comm_seconds, "resumed_after_pass": resume.passes if resume else 0,
+                    "wall_time": res.wall_time, "compute_seconds": op.compute_seconds - seconds[0],
+                    "comm_seconds": op.comm_seconds - seconds[1], "resumed_after_pass": resume.passes if resume else 0,
                     "operator_size": op.n, "error_groups": groups,
                     "confidence": confidence if groups else float("nan"),
                     "errorbar_products": len(vectors) if groups else 0}
     result.extra = model_datasets(problem)
-    if checkpoint and comm.Get_rank() == 0 and os.path.exists(checkpoint):
-        os.unlink(checkpoint)
-        log(f"removed the checkpoint {checkpoint}")
     for line in result.table():
         log(line)
     return result

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,9 +95,6 @@ PATTERNS = {
                     lambda op: op.outputs[0]),
 }
 
-_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FlatModel → {key: _Probe}
-
-
 class _Probe:
     """This rank's per-sample losses and a fingerprint of the activation pattern of each
     piecewise-linear op (`names`) of the problem's objective, at any θ.
@@ -134,7 +130,7 @@ class _Probe:
         """The probe of the problem's model, loss and kind of samples (traced once per process)."""
         shard = problem.curvature.shard
         key = (problem.loss.key, shard.pixels, repr(shard.spec))
-        cache = _PROBES.setdefault(problem.model, {})
+        cache = problem.model.__dict__.setdefault("_verify_probes", {})  # goes with the model
         if key not in cache:
             cache[key] = cls(problem)
         return cache[key]
@@ -393,8 +389,14 @@ def run_all(problem, theta, seed=0, perturb=1e-2) -> list[Check]:
 
 
 def verify(op, seed: int = 0, perturb: float = 1e-2) -> list[Check]:
-    """run_all on the problem of a Hessian operator, at its θ. Collective."""
+    """run_all on the problem of a Hessian operator (hessmpi.Hessian, all of θ), at its θ;
+    HessmpiError for another operator, whose checks these are not. Collective."""
+    from ..errors import HessmpiError
+
     problem = op.problem
+    if problem is None or op is not problem.hessian:
+        raise HessmpiError("verify checks a problem's Hessian over all parameters (hessmpi.Hessian without layer=; "
+                           "the finite differences are those of the gradient)")
     theta = problem.theta.copy()
     try:
         return run_all(problem, theta, seed, perturb)
