@@ -154,7 +154,7 @@ def spectral_density(op, probes: int = 10, steps: int = 80, distribution: str = 
     check_settings(probes, steps, hutchpp, distribution)
     smoothing.check()
     t0 = time.perf_counter()
-    start = op.n_matvecs, op.compute_seconds, op.comm_seconds
+    before = op.n_matvecs, op.compute_seconds, op.comm_seconds  # this call's cost is what follows
     problem = getattr(op, "problem", None)
     dtype = problem.model.dtype if problem is not None else "float64"
     steps = min(steps, op.n)
@@ -176,10 +176,10 @@ def spectral_density(op, probes: int = 10, steps: int = 80, distribution: str = 
     finally:
         mat.destroy()  # on every rank: left to garbage collection, PETSc's exit could hang
     datasets.update(model_datasets(problem))
-    attrs = {**operator_attrs(op), **attrs, "n_matvecs": op.n_matvecs - start[0], "slq_matvecs": q.n_matvecs,
+    attrs = {**operator_attrs(op), **attrs, "n_matvecs": op.n_matvecs - before[0], "slq_matvecs": q.n_matvecs,
              "hutchpp_matvecs": pp.n_matvecs if pp else 0, "iterations": int(q.steps.sum()),
-             "converged": q.n_probes, "operator_size": op.n, "compute_seconds": op.compute_seconds - start[1],
-             "comm_seconds": op.comm_seconds - start[2], "wall_time": time.perf_counter() - t0}
+             "converged": q.n_probes, "operator_size": op.n, "compute_seconds": op.compute_seconds - before[1],
+             "comm_seconds": op.comm_seconds - before[2], "wall_time": time.perf_counter() - t0}
     return Density(datasets, attrs, lines, op.comm)
 
 
