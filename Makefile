@@ -55,6 +55,9 @@ bench: setup
 	run eigen_softmax_f32 $(BENCH_MPI) bench/eigen_cost.py --model softmax --dtype float32 --n-samples 1000 \
 		--solvers default,krylovschur,power; \
 	run memory $(PYTHON) bench/memory.py; \
+	run monitor_cost $(PYTHON) bench/monitor_cost.py; \
+	run monitor_cost_fashion $(PYTHON) bench/monitor_cost.py --train fashion-mnist --epochs 1 --pairs 2 \
+		--settings top1+trace; \
 	run pyhessian $(PYTHON) bench/pyhessian_ref.py; \
 	echo "make bench: tables in $$o/*.md, JSON in $$o/*.json"
 

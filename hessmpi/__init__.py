@@ -24,6 +24,16 @@ from .solvers import (Density, Eigenpairs, RankCurve, Trace, eigenpairs, rank_cu
 from .solvers import estimate_trace as trace
 from .solvers.verify import verify
 
+
+def __getattr__(name):
+    """`hessmpi.keras` (the HessianMonitor callback) is imported on first use: it imports Keras."""
+    if name == "keras":
+        import importlib
+
+        return importlib.import_module(".keras", __name__)
+    raise AttributeError(f"module 'hessmpi' has no attribute {name!r}")
+
+
 __all__ = ["Data", "DataError", "Density", "Eigenpairs", "FlatModel", "GGN", "Hessian", "HessmpiError",
            "Identity", "Layout", "LinearOperator", "NumericalError", "Problem", "RankCurve", "ResultsError",
            "Trace", "TrainingRun", "eigenpairs", "load_dataset", "load_model", "load_npz", "newton", "problem",

@@ -36,6 +36,8 @@ CONTRACT = {
     "rank_curve": ("rank_curve/batch_sizes", "rank_curve/ranks"),
     "density": ("density/grid", "density/values", "trace/estimate", "trace/stderr"),
     "newton": ("newton/loss", "newton/grad_norm", "newton/test_accuracy", "model/params"),
+    "monitor": ("monitor/epoch", "monitor/train_time", "monitor/top_eigenvalues", "monitor/trace",
+                "monitor/negative_mass"),
 }
 
 

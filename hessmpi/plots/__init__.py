@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..errors import HessmpiError, ResultsError
-from . import density, rank, spectrum, training
+from . import density, monitor, rank, spectrum, training
 from .common import matrix_title
 
 
@@ -22,6 +22,7 @@ PLOTTERS = {
     "rank_curve": rank.write_all,
     "density": _one(density.density),
     "newton": _one(training.history),
+    "monitor": _one(monitor.monitor),
 }
 
 
@@ -51,4 +52,4 @@ def draw_file(path: str, prefix: str | None = None) -> list[str]:
     return PLOTTERS[kind](datasets, attrs, prefix)
 
 
-__all__ = ["PLOTTERS", "density", "draw_file", "kind_of", "matrix_title", "rank", "spectrum", "training"]
+__all__ = ["PLOTTERS", "density", "draw_file", "kind_of", "matrix_title", "monitor", "rank", "spectrum", "training"]

@@ -208,7 +208,8 @@ def _scale(result, held, mat, seed, log) -> float:
 def solve(mat, nev: int, which: str = "largest", tol: float = 1e-8,
           max_it: int | None = None, prefix: str = "hess_", seed: int = 0,
           max_passes: int = 20, matvec_counter=None, log=None,
-          on_pass=None, resume: Progress | None = None) -> EigenResult:
+          on_pass=None, resume: Progress | None = None, start: list | None = None,
+          ncv: int | None = None) -> EigenResult:
     """The nev best eigenpairs of the symmetric matrix mat for `which`, every copy included.
 
     tol is the residual tolerance relative to ‖H‖₂ (for which="largest", relative to
@@ -224,6 +225,10 @@ def solve(mat, nev: int, which: str = "largest", tol: float = 1e-8,
     Progress continues the solve where it stood, and the result equals the
     uninterrupted solve's (the same passes follow from the same held pairs and seeds). The result's n_matvecs,
     iterations and passes then include the resumed passes; wall_time is this call's.
+
+    start: Vecs that span the first pass's initial space instead of a random vector (a warm
+    start from eigenvectors of a nearby operator). ncv: the first pass's basis size (SLEPc's
+    default when None): each restart costs about ncv − nev products.
     """
     SLEPc = runtime.slepc()
     n = mat.getSize()[0]
@@ -267,13 +272,15 @@ def solve(mat, nev: int, which: str = "largest", tol: float = 1e-8,
             eps = _new_eps(mat, which, want, tol * _scale(result, held, mat, seed, log), max_it, prefix)
             eps.setConvergenceTest(SLEPc.EPS.Conv.ABS)
             eps.setDimensions(want, min(want + LATER_NCV_EXTRA, n - len(held)))
+        if ncv and p == 0:
+            eps.setDimensions(want, min(max(ncv, want + 1), n))
         scale = max([abs(t[0]) for t in held] + [x for x in [result.norm_estimate] if np.isfinite(x)],
                     default=0.0) or 1.0
         margin = 10 * tol * scale  # a pair beats another only by more than this
         watch = _Watch(eps, want, nev, [t[0] for t in held], key, margin, relative, tol)
         if held:
             eps.setDeflationSpace([v for _, v, _ in held])
-        eps.setInitialSpace([_random_vec(mat, seed * 7919 + p)])
+        eps.setInitialSpace(start if start and p == 0 else [_random_vec(mat, seed * 7919 + p)])
         eps.setFromOptions()
         eps.solve()
         result.solver = eps.getType()

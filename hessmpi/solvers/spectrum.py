@@ -123,7 +123,8 @@ def count_groups(given: int | None, n_samples: int) -> int:
 
 def eigenpairs(op, k: int = 10, which: str = "largest", tol: float | None = None, max_passes: int = 20,
                seed: int = 0, error_groups: int | None = None, confidence: float = 0.95,
-               checkpoint: str | None = None, prefix: str = "hess_", log=None) -> Eigenpairs:
+               checkpoint: str | None = None, prefix: str = "hess_", log=None, start=None,
+               ncv: int | None = None) -> Eigenpairs:
     """The k best eigenpairs of the symmetric operator op for `which` ('largest', 'smallest',
     'magnitude'), every copy of a repeated eigenvalue included (eigen.solve). Collective.
 
@@ -133,7 +134,9 @@ def eigenpairs(op, k: int = 10, which: str = "largest", tol: float | None = None
     none). checkpoint: a file to save progress to after every pass and resume from.
     PETSc options under `prefix` (-hess_eps_type lanczos, …) override the defaults.
     log(str) receives progress lines and, at the end, the table of the pairs (default:
-    printed by rank 0).
+    printed by rank 0). start: vectors (rows of an array, or an Eigenpairs) to start the first
+    pass from, e.g. the eigenpairs of the same model a few training steps before. ncv: the
+    first pass's basis size (default SLEPc's; -<prefix>eps_ncv overrides).
     """
     from .. import runtime
     from ..curvature.petsc import shell_matrix, vec_from_full, vec_to_full
@@ -160,8 +163,13 @@ def eigenpairs(op, k: int = 10, which: str = "largest", tol: float | None = None
     comm = op.comm
     seconds = op.compute_seconds, op.comm_seconds
     mat = shell_matrix(op)
-    resume = None
+    resume, start_vecs = None, []
     try:
+        if start is not None:
+            rows = np.atleast_2d(np.asarray(getattr(start, "vectors", start), dtype=np.float64))
+            if rows.shape[1] != op.n:
+                raise HessmpiError(f"start vectors have {rows.shape[1]} entries, the operator {op.n} rows")
+            start_vecs = [vec_from_full(mat, row) for row in rows]
         if checkpoint:
             saved = None
             if comm.Get_rank() == 0:
@@ -184,12 +192,13 @@ def eigenpairs(op, k: int = 10, which: str = "largest", tol: float | None = None
 
         res = eigen.solve(mat, k, which, tol=tol, prefix=prefix, seed=seed, max_passes=max_passes,
                           matvec_counter=lambda: op.n_matvecs, log=lambda line: log("  " + line),
-                          on_pass=on_pass if checkpoint else None, resume=resume)
+                          on_pass=on_pass if checkpoint else None, resume=resume, start=start_vecs,
+                          ncv=ncv)
         if res.converged == 0:  # the same on every rank
             raise HessmpiError(f"no eigenpair converged in {res.iterations} iterations; try "
                                f"-{prefix}eps_max_it, -{prefix}eps_ncv or a looser tolerance", collective=True)
         vectors = np.array([vec_to_full(v, comm) for v in res.vectors]).reshape(len(res.vectors), op.n)
-        for v in res.vectors + (resume.vectors if resume else []):  # destroying one twice is harmless
+        for v in res.vectors + (resume.vectors if resume else []) + start_vecs:  # destroying twice is harmless
             v.destroy()
     finally:
         mat.destroy()  # on every rank: left to garbage collection, PETSc's exit can hang
