@@ -90,7 +90,7 @@ class HessianMonitor(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         if self.problem is None or self.problem.model.source is not self.model:
             self.problem = api.problem(self.model, self.data, **self.problem_args)
-            self.rows, self.vectors = [], None
+            self.rows, self.vectors, self.monitor_time, self.step = [], None, 0.0, 0
         self.t0 = time.perf_counter() - (self.rows[-1]["train_time"] + self.monitor_time if self.rows else 0.0)
         if not self.rows:
             self.record(logs)
