@@ -8,8 +8,8 @@ from .common import finish, matrix_title, subplots
 
 
 def monitor(datasets: dict, attrs: dict, path: str | None = None, comm=None):
-    """Top eigenvalues, trace and mass below zero against the training time (monitoring
-    excluded), one panel each for what was recorded; the epochs on a top axis."""
+    """Top eigenvalues, trace and fraction of eigenvalues below −σ against the training time
+    (monitoring excluded), one panel for each that was recorded."""
     x = np.asarray(datasets["monitor/train_time"])
     panels = []
     top = np.atleast_2d(np.asarray(datasets["monitor/top_eigenvalues"]).T)
