@@ -71,3 +71,17 @@ def test_the_committed_notebook_holds_a_full_size_run(path):
     first = "".join(out.get("text", "") for out in cells[0].outputs)
     assert re.search(r"^quick mode: False$", first, flags=re.M), (
         f"{name}: its first code cell should print 'quick mode: False' (a full-size run); it printed {first!r}")
+
+
+def test_a_returned_figure_shows_as_a_picture_in_a_fresh_kernel():
+    """What every `.plot()` returns (plots.common.finish) appears as a PNG, not as the text
+    '<Figure …>', in a kernel where nothing has drawn with pyplot yet."""
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(cells=[new_code_cell("from hessmpi.plots import common\n"
+                                           "fig, ax = common.subplots(1)\n"
+                                           "ax.plot([0, 1])\n"
+                                           "common.finish(fig, None)")])
+    NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3").execute()
+    kinds = [sorted(out.get("data", {})) for out in nb.cells[0].outputs]
+    assert any("image/png" in k for k in kinds), f"the returned figure was shown as {kinds}, without a PNG"

@@ -41,8 +41,12 @@ def finish(fig, path: str | None, comm=None):
 
         if (comm.Get_rank() if comm is not None else runtime.rank()) == 0:
             save(fig, path)
-    else:
-        import matplotlib.pyplot  # noqa: F401  (in a notebook: the inline backend shows a returned figure)
+    else:  # the caller shows it: in a notebook, loading pyplot's backend registers the inline formatter
+        import matplotlib
+        import matplotlib.pyplot as plt
+
+        plt.switch_backend(matplotlib.get_backend())  # loads it now (matplotlib defers that to the first
+        # pyplot figure); it closes no figure
     return fig
 
 
