@@ -42,8 +42,8 @@ CONTRACT = {
 
 
 def check_output(path: str, overwrite: bool) -> None:
-    """Raise ResultsError unless path can be written: its folder writable, and no file
-    there already unless overwrite. Creates the folder if needed."""
+    """Raise ResultsError unless path can be written: a file can be created and removed in
+    its folder, and no file is there already unless overwrite. Creates the folder if needed."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.exists(path) and not overwrite:
         raise ResultsError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
@@ -53,8 +53,20 @@ def check_output(path: str, overwrite: bool) -> None:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise ResultsError(f"cannot create the folder of {path}: {e.strerror}") from None
-    if not os.access(folder, os.W_OK):
-        raise ResultsError(f"cannot write to {folder}: permission denied; choose another --out")
+    try:  # a real write: permission bits say nothing for root, a read-only mount or /proc
+        fd, probe = tempfile.mkstemp(prefix=".hessmpi-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ResultsError(f"cannot write to {folder} ({e.strerror}); choose another folder for {path}") from None
+
+
+def file_mode() -> int:
+    """The mode a new file gets under this process's umask: what `open` would create, where
+    mkstemp's 0600 would hide a result the user's umask shares (or 0644 one it hides)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _to_attr(value):
@@ -81,7 +93,7 @@ def write(path: str, datasets: dict, attrs: dict) -> None:
                 f.attrs[key] = _to_attr(value)
             for name, array in datasets.items():
                 f.create_dataset(name, data=np.asarray(array))
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

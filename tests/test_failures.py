@@ -170,6 +170,8 @@ BAD_INPUTS = [
     ("weights with a NaN", "spectrum", ["--weights", "{tmp}/nan.npz"], "contains NaN or infinite values"),
     ("missing weights file", "spectrum", ["--weights", "{tmp}/none.npz"], "no such file"),
     ("unwritable output", "spectrum", ["--out", "/proc/hessmpi/s.h5"], "cannot"),
+    ("output folder no one can write, root included", "spectrum", ["--out", "/proc/o.h5"],
+     "cannot write to /proc (No such file or directory)"),
     ("output is a folder", "spectrum", ["--out", "{tmp}/folder.h5", "--overwrite"], "is a directory"),
     ("existing output without --overwrite", "spectrum", ["--out", "{tmp}/existing.h5"],
      "exists; pass --overwrite"),
@@ -371,3 +373,19 @@ def test_a_rank_killed_mid_solve_ends_the_job_and_keeps_old_results_and_checkpoi
     with h5py.File(checkpoint, "r") as f:
         assert int(f.attrs["passes"]) >= 1 and f["checkpoint/vectors"].shape[1] == 86282
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("s.h5.")]  # no temporary results file
+
+
+@pytest.mark.parametrize("umask, mode", [(0o077, 0o600), (0o002, 0o664)])
+def test_results_and_figures_are_created_with_the_users_umask(tmp_path, umask, mode):
+    """A results file and its PNG get 0666 & ~umask, as any file the user creates: with
+    umask 077 on a shared folder, θ and the eigenvectors are not readable by others."""
+    out = tmp_path / "s.h5"
+    previous = os.umask(umask)
+    try:  # the child inherits the umask
+        proc, _, _ = run(1, [os.path.join(SCRIPTS, "spectrum.py"), "--n-samples", "20", "--nev", "1",
+                             "--error-groups", "0", "--out", out], tmp_path)
+    finally:
+        os.umask(previous)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    modes = {name: oct(os.stat(tmp_path / name).st_mode & 0o777) for name in ("s.h5", "s.png")}
+    assert modes == {"s.h5": oct(mode), "s.png": oct(mode)}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+from .. import results
+
 
 def subplots(*args, figsize=None, **kwargs):
     """(figure, axes) as pyplot.subplots gives them, for a figure pyplot does not keep."""
@@ -26,7 +28,7 @@ def save(fig, path: str) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, results.file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
