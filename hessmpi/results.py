@@ -78,21 +78,52 @@ def _to_attr(value):
 
 
 def write(path: str, datasets: dict, attrs: dict) -> None:
-    """Write datasets {'group/name': array} and root attrs to path, atomically."""
-    import h5py
-
+    """Write datasets {'group/name': array} and root attrs to path, atomically: the previous
+    file stays as it was unless the new one is complete. If path cannot be written (a full
+    disk, a folder gone), the same file is written to the temporary folder instead (TMPDIR)
+    and ResultsError names both, with the reason."""
     missing = [a for a in ROOT_ATTRS if a not in attrs]
     if missing:
         raise ValueError(f"results attributes missing: {missing}")
+    try:
+        _write_atomically(path, datasets, attrs)
+    except OSError as e:
+        message = f"cannot write {path} ({reason(e)}); any previous file there is unchanged"
+        spare = os.path.join(tempfile.gettempdir(), f"hessmpi-{os.getpid()}-{os.path.basename(path)}")
+        try:
+            _write_atomically(spare, datasets, attrs)
+            message += f"; the results were written to {spare} instead"
+        except OSError as e2:
+            message += f"; writing them to {spare} failed too ({reason(e2)}): they are lost"
+        raise ResultsError(message) from None
+
+
+def reason(error: OSError) -> str:
+    """An OSError's reason in a few words (h5py's messages run to several lines)."""
+    return os.strerror(error.errno) if error.errno else str(error).splitlines()[0]
+
+
+def _write_atomically(path: str, datasets: dict, attrs: dict) -> None:
+    """The file is made in memory and then written with plain file I/O: a full disk is then
+    one OSError, where HDF5 writing to disk fails inside its buffers and leaves h5py in a
+    state that crashes the process."""
+    import io
+
+    import h5py
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = _to_attr(value)
+        for name, array in datasets.items():
+            f.create_dataset(name, data=np.asarray(array))
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", dir=folder)
-    os.close(fd)
     try:
-        with h5py.File(tmp, "w") as f:
-            for key, value in attrs.items():
-                f.attrs[key] = _to_attr(value)
-            for name, array in datasets.items():
-                f.create_dataset(name, data=np.asarray(array))
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:

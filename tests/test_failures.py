@@ -7,6 +7,7 @@ an import of tensorflow in a file before running the script as `python script.py
 would, and the test fails if one was recorded.
 """
 
+import glob
 import gzip
 import os
 import signal
@@ -389,3 +390,30 @@ def test_results_and_figures_are_created_with_the_users_umask(tmp_path, umask, m
     assert proc.returncode == 0, proc.stderr[-2000:]
     modes = {name: oct(os.stat(tmp_path / name).st_mode & 0o777) for name in ("s.h5", "s.png")}
     assert modes == {"s.h5": oct(mode), "s.png": oct(mode)}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a full disk is a 200 KiB tmpfs, and mounting one needs root")
+def test_a_full_disk_gives_one_message_keeps_the_previous_file_and_saves_the_results_elsewhere(tmp_path, monkeypatch):
+    small, spare = tmp_path / "small", tmp_path / "spare"
+    small.mkdir()
+    spare.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(small)], check=True)
+    try:
+        out = small / "s.h5"
+        args = [os.path.join(SCRIPTS, "spectrum.py"), "--n-samples", "20", "--nev", "1", "--error-groups", "0",
+                "--out", out]
+        first, _, _ = run(1, args, tmp_path)  # 140 KB of results and a 35 KB PNG: the disk is then nearly full
+        assert first.returncode == 0, first.stderr[-2000:]
+        before = out.read_bytes()
+        monkeypatch.setenv("TMPDIR", str(spare))  # where the results go when --out cannot take them
+        proc, _, _ = run(1, [*args, "--overwrite"], tmp_path)
+        problems = check_rejected((proc, 0.0, False), f"cannot write {out} (No space left on device)", out, before)
+        assert not problems, problems
+        assert sorted(os.listdir(small)) == ["s.h5", "s.png"], "a temporary file was left on the full disk"
+        rescued = glob.glob(str(spare / "hessmpi-*-s.h5"))
+        assert len(rescued) == 1 and f"the results were written to {rescued[0]} instead" in proc.stderr
+        datasets, _ = results.read(rescued[0], "spectrum")
+        original, _ = results.read(str(out), "spectrum")
+        np.testing.assert_allclose(datasets["spectrum/eigenvalues"], original["spectrum/eigenvalues"], rtol=1e-10)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

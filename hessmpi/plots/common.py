@@ -11,6 +11,7 @@ import os
 import tempfile
 
 from .. import results
+from ..errors import ResultsError
 
 
 def subplots(*args, figsize=None, **kwargs):
@@ -22,17 +23,22 @@ def subplots(*args, figsize=None, **kwargs):
 
 
 def save(fig, path: str) -> None:
-    """Save a figure atomically (temporary file in the same folder, then rename)."""
+    """Save a figure atomically (temporary file in the same folder, then rename); if it
+    cannot be written, ResultsError says why and a previous figure there is unchanged."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", suffix=".png", dir=folder)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.chmod(tmp, results.file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", suffix=".png", dir=folder)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight")
+            os.chmod(tmp, results.file_mode())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as e:
+        raise ResultsError(f"cannot write the figure {path} ({results.reason(e)}); any previous figure there is "
+                           f"unchanged, and it can be drawn again from the results file") from None
 
 
 def finish(fig, path: str | None, comm=None):
