@@ -61,6 +61,23 @@ def check_output(path: str, overwrite: bool) -> None:
         raise ResultsError(f"cannot write to {folder} ({e.strerror}); choose another folder for {path}") from None
 
 
+def check_space(path: str, n_bytes: int) -> None:
+    """Raise ResultsError if the file system of path's folder has less than n_bytes free."""
+    import shutil
+
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    if free < n_bytes:
+        raise ResultsError(f"{folder} has {free / 1e6:.2f} MB free and {path} needs at least {n_bytes / 1e6:.2f} MB: "
+                           f"free some space or choose another folder")
+
+
+def estimated_size(n_params: int, vectors: int) -> int:
+    """A lower bound on the bytes of a results file (or checkpoint) that holds θ and `vectors`
+    more θ-sized float64 vectors (histories, attributes and the PNG come on top)."""
+    return 8 * n_params * (vectors + 1)
+
+
 def file_mode() -> int:
     """The mode a new file gets under this process's umask: what `open` would create, where
     mkstemp's 0600 would hide a result the user's umask shares (or 0644 one it hides)."""

@@ -10,6 +10,7 @@ would, and the test fails if one was recorded.
 import glob
 import gzip
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -392,28 +393,49 @@ def test_results_and_figures_are_created_with_the_users_umask(tmp_path, umask, m
     assert modes == {"s.h5": oct(mode), "s.png": oct(mode)}
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a full disk is a 200 KiB tmpfs, and mounting one needs root")
-def test_a_full_disk_gives_one_message_keeps_the_previous_file_and_saves_the_results_elsewhere(tmp_path, monkeypatch):
-    small, spare = tmp_path / "small", tmp_path / "spare"
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a 512 KiB file system of its own (a tmpfs: mounting one needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("a small disk is a 512 KiB tmpfs, and mounting one needs root")
+    small = tmp_path / "small"
     small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(small)], check=True)
+    yield small
+    subprocess.run(["umount", str(small)], check=True)
+
+
+def test_results_larger_than_the_free_space_are_refused_before_any_work(small_disk, tmp_path):
+    out = small_disk / "s.h5"
+    proc = run(1, [os.path.join(SCRIPTS, "spectrum.py"), "--n-samples", "20", "--nev", "20", "--out", out], tmp_path)
+    need = results.estimated_size(7840, 20)  # softmax: θ and 20 eigenvectors
+    problems = check_rejected(proc, f"{small_disk} has 0.52 MB free and {out} needs at least {need / 1e6:.2f} MB",
+                              out, tensorflow_ok=True)  # the size needs the model's parameter count
+    assert not problems, problems
+    assert "products" not in proc[0].stdout, "the solve ran"
+
+
+def test_a_full_disk_gives_one_message_keeps_the_previous_file_and_saves_the_results_elsewhere(small_disk, tmp_path,
+                                                                                             monkeypatch):
+    small, spare = small_disk, tmp_path / "spare"
     spare.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(small)], check=True)
-    try:
-        out = small / "s.h5"
-        args = [os.path.join(SCRIPTS, "spectrum.py"), "--n-samples", "20", "--nev", "1", "--error-groups", "0",
-                "--out", out]
-        first, _, _ = run(1, args, tmp_path)  # 140 KB of results and a 35 KB PNG: the disk is then nearly full
-        assert first.returncode == 0, first.stderr[-2000:]
-        before = out.read_bytes()
-        monkeypatch.setenv("TMPDIR", str(spare))  # where the results go when --out cannot take them
-        proc, _, _ = run(1, [*args, "--overwrite"], tmp_path)
-        problems = check_rejected((proc, 0.0, False), f"cannot write {out} (No space left on device)", out, before)
-        assert not problems, problems
-        assert sorted(os.listdir(small)) == ["s.h5", "s.png"], "a temporary file was left on the full disk"
-        rescued = glob.glob(str(spare / "hessmpi-*-s.h5"))
-        assert len(rescued) == 1 and f"the results were written to {rescued[0]} instead" in proc.stderr
-        datasets, _ = results.read(rescued[0], "spectrum")
-        original, _ = results.read(str(out), "spectrum")
-        np.testing.assert_allclose(datasets["spectrum/eigenvalues"], original["spectrum/eigenvalues"], rtol=1e-10)
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
+    out = small / "s.h5"
+    args = [os.path.join(SCRIPTS, "spectrum.py"), "--n-samples", "20", "--nev", "1", "--error-groups", "0",
+            "--out", out]
+    first, _, _ = run(1, args, tmp_path)  # the previous results: 140 KB and a 35 KB PNG
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = out.read_bytes()
+    # Fill the disk to 8 KB above the bound the run checks before its work (θ and one vector,
+    # 125 KB): that check passes, and the 140 KB file finds no room at the end.
+    room = shutil.disk_usage(small).free - (results.estimated_size(7840, 1) + 8192)
+    (small / "filler").write_bytes(b"\0" * room)
+    monkeypatch.setenv("TMPDIR", str(spare))  # where the results go when --out cannot take them
+    proc, _, _ = run(1, [*args, "--overwrite"], tmp_path)
+    problems = check_rejected((proc, 0.0, False), f"cannot write {out} (No space left on device)", out, before)
+    assert not problems, problems
+    assert sorted(os.listdir(small)) == ["filler", "s.h5", "s.png"], "a temporary file was left on the full disk"
+    rescued = glob.glob(str(spare / "hessmpi-*-s.h5"))
+    assert len(rescued) == 1 and f"the results were written to {rescued[0]} instead" in proc.stderr
+    datasets, _ = results.read(rescued[0], "spectrum")
+    original, _ = results.read(str(out), "spectrum")
+    np.testing.assert_allclose(datasets["spectrum/eigenvalues"], original["spectrum/eigenvalues"], rtol=1e-10)

@@ -186,6 +186,12 @@ def problem_from_args(args, comm, check=None):
         nev = getattr(args, "nev", None)
         if nev is not None and not 1 <= nev < op.n:
             raise HessmpiError(f"--nev must be between 1 and {op.n - 1}, got {nev}")
+        if comm.Get_rank() == 0:  # before any work: room for θ and nev eigenvectors (or an optimizer's two vectors)
+            need = results.estimated_size(model.n_params, nev or 2)
+            outputs = [args.out] if getattr(args, "writes_results", False) else []
+            for path in outputs + [getattr(args, "checkpoint", None)]:
+                if path:
+                    results.check_space(path, need)
     return problem, op, inputs.test
 
 
