@@ -439,3 +439,24 @@ def test_a_full_disk_gives_one_message_keeps_the_previous_file_and_saves_the_res
     datasets, _ = results.read(rescued[0], "spectrum")
     original, _ = results.read(str(out), "spectrum")
     np.testing.assert_allclose(datasets["spectrum/eigenvalues"], original["spectrum/eigenvalues"], rtol=1e-10)
+
+
+def test_a_checkpoint_truncated_or_from_another_run_is_refused_with_one_message(tmp_path):
+    """A checkpoint cut short (a copy interrupted: hessmpi's own writes are atomic) or written
+    with other settings: one message, exit 2, and the file is left as it was."""
+    import hessmpi
+
+    made = tmp_path / "other.h5"  # a finished solve keeps its checkpoint until the result is saved
+    hessmpi.eigenpairs(hessmpi.Hessian("softmax", "mnist-5k", n_samples=20), k=2, checkpoint=str(made),
+                       log=lambda line: None)
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(made.read_bytes()[:3000])
+    for checkpoint, message in [(truncated, f"--checkpoint {truncated}: {truncated} is not a readable HDF5 file"),
+                                (made, f"--checkpoint {made} was written by a different run (nev 2 there, 3 here)")]:
+        before = checkpoint.read_bytes()
+        out = tmp_path / "s.h5"
+        proc = run(1, [os.path.join(SCRIPTS, "spectrum.py"), "--n-samples", "20", "--nev", "3",
+                       "--checkpoint", checkpoint, "--out", out], tmp_path)
+        problems = check_rejected(proc, message, str(out), tensorflow_ok=True)
+        assert not problems, (checkpoint.name, problems)
+        assert checkpoint.read_bytes() == before, f"{checkpoint.name} was changed"
