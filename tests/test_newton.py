@@ -571,10 +571,12 @@ def test_sgd_and_adam_steps_follow_their_formulas():
 # ---------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("method_name", ["newton", "newton-subsampled", "newton-growing", "adam", "lrsfn"])
-def test_resumed_run_ends_where_an_uninterrupted_run_ends(method_name, shared_tmp_path):
-    """Run 4 iterations; then 2, save, build everything afresh, load and run 2 more: the
-    same θ, bit for bit, and the same history."""
+@pytest.mark.parametrize("method_name, every", [("newton", 1), ("newton-subsampled", 1), ("newton-growing", 1),
+                                                ("adam", 1), ("lrsfn", 1), ("adam", 3), ("newton", 3)])
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(method_name, every, shared_tmp_path):
+    """Run 4 iterations, a row every `every`; then 2, save, build everything afresh, load and
+    run 2 more: the same θ, bit for bit, and the same history rows (stopped between rows,
+    the stop adds one at iteration 2)."""
     built = cases.build(SOFTMAX_CASE, dense=False)
     # The data and its TensorFlow functions are shared; objective (with its cache) and method are new.
     problem = array_problem(built)
@@ -599,8 +601,8 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(method_name, shared_tm
     attrs["config"] = "{}"
     objective, method = fresh()
     whole = training.History()
-    theta_whole, _ = training.run(method, objective, built.theta, whole, 4)
-    path = str(shared_tmp_path / f"resume-{method_name}.h5")
+    theta_whole, _ = training.run(method, objective, built.theta, whole, 4, every)
+    path = str(shared_tmp_path / f"resume-{method_name}-{every}.h5")
     objective, method = fresh()
     part = training.History()
 
@@ -609,15 +611,18 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(method_name, shared_tm
             training.save(path, theta, history, method.state(), attrs)
         COMM.Barrier()
 
-    theta_part, why = training.run(method, objective, built.theta, part, 4, stop_after=2, checkpoint=checkpoint)
+    theta_part, why = training.run(method, objective, built.theta, part, 4, every, stop_after=2,
+                                   checkpoint=checkpoint)
     objective, method = fresh()
     theta, history, state, _ = training.load_checkpoint(path, {}, COMM)
     method.restore(state)
     objective.cost.restore(history)
-    theta_end, _ = training.run(method, objective, theta, history, 4)
+    theta_end, _ = training.run(method, objective, theta, history, 4, every)
     same = np.array_equal(theta_end, theta_whole)
-    rows_same = all(np.array_equal(history.rows[f], whole.rows[f])
+    rows = [list(history.rows["iteration"]).index(i) for i in whole.rows["iteration"]]  # the whole run's rows
+    rows_same = all(np.array_equal(np.asarray(history.rows[f])[rows], whole.rows[f])
                     for f in ("iteration", "loss", "grad_norm", "ksp_iterations", "sweeps", "hvps"))
-    collective_assert(why == "stopped" and len(part) == 3 and same and rows_same,
+    stopped_rows = [0, 1, 2] if every == 1 else [0, 2]
+    collective_assert(why == "stopped" and list(part.rows["iteration"]) == stopped_rows and same and rows_same,
                       f"{method_name}: stop reason {why}, {len(part)} rows; θ equal {same} "
                       f"(max diff {np.abs(theta_end - theta_whole).max():.1e}); history equal {rows_same}")

@@ -421,7 +421,8 @@ def run(method, objective: Objective, theta: np.ndarray, history: History, itera
     θ₀ (if the history is empty; not checkpointed: resuming from θ₀ is starting afresh),
     every `record_every` iterations and at the last. The loop ends early when a recorded
     gradient norm is at most gtol, when a step fails, or after `stop_after` iterations of
-    this process (as if killed). Returns (θ, why it stopped: 'iterations', 'gtol',
+    this process (as if killed; its iterate is then recorded too, so that the checkpoint
+    resumes from it). Returns (θ, why it stopped: 'iterations', 'gtol',
     'stopped' or the failure).
 
     Divergence raises NumericalError on every rank, before anything is checkpointed: a
@@ -444,6 +445,8 @@ def run(method, objective: Objective, theta: np.ndarray, history: History, itera
         if history.last("grad_norm") <= gtol:
             return theta, "gtol"
         if stop_after is not None and done_here >= stop_after:
+            if history.last("iteration") != k:  # a checkpoint's θ must be its last row's: resuming starts there
+                row(k)
             return theta, "stopped"
         t0 = time.perf_counter()
         theta, info = method.step(theta, k)
