@@ -134,11 +134,19 @@ def _write_atomically(path: str, datasets: dict, attrs: dict) -> None:
             f.attrs[key] = _to_attr(value)
         for name, array in datasets.items():
             f.create_dataset(name, data=np.asarray(array))
+    replace_file(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def replace_file(path: str, fill, suffix: str = "") -> None:
+    """Create or replace path atomically: fill(f) writes a temporary binary file in the same
+    folder, which is synced, given the mode the user's umask gives (file_mode) and renamed
+    onto path. On any failure the temporary file is removed and a previous file at path is
+    unchanged; the error propagates."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", suffix=suffix, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())

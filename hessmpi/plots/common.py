@@ -7,9 +7,6 @@ no figure is kept by pyplot: a script saves them to PNG files, a notebook shows 
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 from .. import results
 from ..errors import ResultsError
 
@@ -23,19 +20,11 @@ def subplots(*args, figsize=None, **kwargs):
 
 
 def save(fig, path: str) -> None:
-    """Save a figure atomically (temporary file in the same folder, then rename); if it
-    cannot be written, ResultsError says why and a previous figure there is unchanged."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """Save a figure atomically (results.replace_file); if it cannot be written, ResultsError
+    says why and a previous figure there is unchanged."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", suffix=".png", dir=folder)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, dpi=120, bbox_inches="tight")
-            os.chmod(tmp, results.file_mode())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        results.replace_file(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"),
+                             suffix=".png")
     except OSError as e:
         raise ResultsError(f"cannot write the figure {path} ({results.reason(e)}); any previous figure there is "
                            f"unchanged, and it can be drawn again from the results file") from None
