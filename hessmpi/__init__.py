@@ -16,7 +16,8 @@ from .api import GGN, Hessian, load_dataset, problem, regularizer
 from .curvature.operator import Identity, LinearOperator
 from .curvature.problem import Problem
 from .data import Data, load_npz
-from .errors import DataError, HessmpiError, NumericalError, ResultsError
+from . import stop
+from .errors import DataError, HessmpiError, Interrupted, NumericalError, ResultsError
 from .models import FlatModel, Layout, load_model
 from .optim import TrainingRun, newton, train
 from .results import read as read_results
@@ -35,7 +36,7 @@ def __getattr__(name):
 
 
 __all__ = ["Data", "DataError", "Density", "Eigenpairs", "FlatModel", "GGN", "Hessian", "HessmpiError",
-           "Identity", "Layout", "LinearOperator", "NumericalError", "Problem", "RankCurve", "ResultsError",
+           "Identity", "Interrupted", "Layout", "LinearOperator", "NumericalError", "Problem", "RankCurve", "ResultsError",
            "Trace", "TrainingRun", "eigenpairs", "load_dataset", "load_model", "load_npz", "newton", "problem",
            "rank_curve", "read_results", "regularizer", "resmooth", "spectral_density", "trace", "train",
-           "verify", "__version__"]
+           "stop", "verify", "__version__"]

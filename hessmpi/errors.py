@@ -37,6 +37,17 @@ class NumericalError(HessmpiError):
     """A computation produced non-finite values or failed to converge."""
 
 
+EXIT_INTERRUPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request, progress saved; run again to continue
+
+
+class Interrupted(HessmpiError):
+    """A run stopped on request (`hessmpi.stop`: a signal) on every rank together, after saving
+    what it could; the message says what was saved and where. Exit status EXIT_INTERRUPTED."""
+
+    def __init__(self, *args, collective: bool = True, status: int = EXIT_INTERRUPTED):
+        super().__init__(*args, collective=collective, status=status)
+
+
 @contextlib.contextmanager
 def agree(comm):
     """Run a block on every rank of comm; if it raised on any rank, every rank raises the same

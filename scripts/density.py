@@ -10,7 +10,10 @@ smoothed density (/density/grid, /density/values, width /density/width), its log
 view of the bulk near zero, the tridiagonals and probe seeds (so that --from can
 re-smooth without a single new product), the spectral moments, the mass below zero,
 /trace/estimate and /trace/stderr (Hutchinson over the same probes), Hutch++ and the
-Frobenius norm with standard errors, to --out, and a PNG next to it.
+Frobenius norm with standard errors, to --out, and a PNG next to it. With --checkpoint
+FILE the run saves its progress after every probe (and, on SIGTERM or SIGUSR1, the
+products of the probe under way) and continues from FILE when started again with the
+same flags (hessmpi.spectral_density).
 """
 
 import os
@@ -42,6 +45,9 @@ def main():
         parser.add_argument("--zero-tol", type=float, default=None,
                             help="|λ| ≤ zero-tol · max|Ritz value| counts as zero "
                                  "(default 1e-8 in float64, 1e-5 in float32)")
+        parser.add_argument("--checkpoint", default=None, metavar="FILE",
+                            help="save progress after every probe, and on SIGTERM or SIGUSR1, to FILE and resume "
+                                 "from it if it exists (a job stopped by its time limit continues when run again)")
         parser.add_argument("--from", dest="source", default=None, metavar="FILE",
                             help="re-smooth the tridiagonals stored in a density results FILE (no products)")
         args = parser.parse_args(ours)
@@ -70,7 +76,7 @@ def main():
     cli.say(cli.describe_run(args, problem, comm))
     op.on_matvec = cli.progress_printer()
     result = density.spectral_density(op, args.probes, args.lanczos_steps, args.probe_dist, args.hutchpp,
-                                      args.seed, smoothing)
+                                      args.seed, smoothing, checkpoint=args.checkpoint)
     for line in result.lines:
         cli.say(line)
     cli.finish_run(args, op, result, started)

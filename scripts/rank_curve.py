@@ -11,7 +11,9 @@ and seconds spent, and (from the images) dead pixels, rank(X) and the softmax ca
 9·rank(X) and n_params − pixels. Routes: dense (softmax regression: exact, from
 per-sample factors; tiny models: from unit vectors) and matrix-free (randomized range
 finder + Rayleigh–Ritz on the distributed operator); see hessmpi/solvers/rank.py. Writes
-/rank_curve/* to --out and PNGs next to it (scripts/plot.py redraws them).
+/rank_curve/* to --out and PNGs next to it (scripts/plot.py redraws them). With
+--checkpoint FILE the finished batch sizes are saved and a run started again with the
+same flags continues from them.
 """
 
 import os
@@ -46,6 +48,9 @@ def main():
                                  "batches are skipped")
         parser.add_argument("--n-vectors", type=int, default=4,
                             help="top eigenvectors stored for the largest batch (dense route)")
+        parser.add_argument("--checkpoint", default=None, metavar="FILE",
+                            help="save the finished batch sizes to FILE and resume from it if it exists (a job "
+                                 "stopped by its time limit or by SIGTERM/SIGUSR1 continues when run again)")
         args = parser.parse_args(ours)
         rank.parse_batch_sizes(args.batch_sizes, None)  # a malformed list fails before the slow set-up
         cli.init_petsc(petsc_args)
@@ -56,7 +61,7 @@ def main():
         batch_rank.plan(op, **settings)
     cli.say(cli.describe_run(args, problem, comm))
     op.on_matvec = cli.progress_printer()
-    curve = batch_rank.rank_curve(op, seed=args.seed, **settings)
+    curve = batch_rank.rank_curve(op, seed=args.seed, checkpoint=args.checkpoint, **settings)
     curve.attrs.update(cli.run_attrs(args, started))
     written = [curve.save(args.out)]
     if comm.Get_rank() == 0 and not args.no_plot:

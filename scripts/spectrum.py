@@ -8,8 +8,9 @@ Writes /spectrum/eigenvalues, /spectrum/eigenvectors (nev × n_params in θ orde
 the block's size with --layer), /spectrum/residuals (true ‖Hx−λx‖), error bars
 (/spectrum/stderr, /spectrum/ci_low, /spectrum/ci_high: the spread of each Rayleigh
 quotient over --error-groups groups of the samples), θ and its layout to --out, and a
-PNG next to it. With --checkpoint FILE the solve saves its progress after every pass and
-continues from FILE when started again with the same flags (hessmpi.eigenpairs).
+PNG next to it. With --checkpoint FILE the solve saves its progress after every pass (and,
+on SIGTERM or SIGUSR1, the products of the pass under way) and continues from FILE when
+started again with the same flags (hessmpi.eigenpairs).
 """
 
 import sys
@@ -33,8 +34,8 @@ def main():
                             help="deflated passes that look for missing copies of repeated eigenvalues "
                                  "(1 skips the check)")
         parser.add_argument("--checkpoint", default=None, metavar="FILE",
-                            help="save progress after every pass to FILE and resume from it if it exists "
-                                 "(a job killed by its time limit continues when resubmitted)")
+                            help="save progress after every pass, and on SIGTERM or SIGUSR1, to FILE and resume "
+                                 "from it if it exists (a job stopped by its time limit continues when run again)")
         parser.add_argument("--error-groups", type=int, default=None, metavar="G",
                             help="error bars of the eigenvalues from G contiguous groups of the samples "
                                  f"(default {ERROR_GROUPS}, or --n-samples if fewer; 0: none)")

@@ -460,3 +460,138 @@ def test_a_checkpoint_truncated_or_from_another_run_is_refused_with_one_message(
         problems = check_rejected(proc, message, str(out), tensorflow_ok=True)
         assert not problems, (checkpoint.name, problems)
         assert checkpoint.read_bytes() == before, f"{checkpoint.name} was changed"
+
+
+# ---------------------------------------------------------------- stopped by a signal
+
+CNN = ["--model", "cnn", "--dtype", "float32", "--no-plot"]
+STOPPED = {  # script, flags, what to compare with the uninterrupted run
+    "spectrum": ("spectrum.py", [*CNN, "--n-samples", "128", "--nev", "4", "--error-groups", "0"],
+                 ["spectrum/eigenvalues", "spectrum/eigenvectors", "spectrum/residuals"]),
+    "density": ("density.py", [*CNN, "--n-samples", "128", "--probes", "3", "--lanczos-steps", "25",
+                               "--hutchpp", "9"], ["density/alphas", "density/betas", "trace/hutchpp/estimate"]),
+    "newton": ("newton.py", [*CNN, "--n-samples", "64", "--n-test", "50", "--method", "newton", "--operator", "ggn",
+                             "--gamma", "1e-3", "--iterations", "4"], ["model/params", "newton/loss", "newton/hvps"]),
+    "adam": ("newton.py", [*CNN, "--n-samples", "64", "--n-test", "50", "--method", "adam", "--batch-size", "16",
+                           "--iterations", "600", "--record-every", "100"],
+             ["model/params", "newton/loss", "newton/sweeps"]),
+}
+# (run, the line after which the signal is sent, the signal, to whom: every rank, the
+# last rank only, or mpirun, which passes SIGUSR1 on to the ranks)
+STOP_CASES = [
+    ("spectrum", "EPS nconv=", signal.SIGTERM, "ranks"),  # inside the first pass
+    ("spectrum", "checkpoint: 1 pass(es) saved", signal.SIGUSR1, "one rank"),  # inside the check pass
+    ("spectrum", "solving for", signal.SIGUSR1, "mpirun"),  # before or in the first products
+    ("density", "probe 1/3", signal.SIGTERM, "ranks"),
+    ("newton", "     1  F", signal.SIGTERM, "one rank"),
+    ("adam", "   100  F", signal.SIGUSR1, "ranks"),  # between two recorded rows
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The results of each run of STOPPED, uninterrupted on 2 ranks, made when first asked for."""
+    folder, done = tmp_path_factory.mktemp("uninterrupted"), {}
+
+    def get(name):
+        if name not in done:
+            script, flags, _ = STOPPED[name]
+            out = str(folder / f"{name}.h5")
+            proc = run_mpi(2, [os.path.join(SCRIPTS, script), *flags, "--out", out], timeout=600)
+            assert proc.returncode == 0, proc.stderr
+            done[name] = results.read(out)
+        return done[name]
+    return get
+
+
+@pytest.mark.parametrize("name, after, signum, whom", STOP_CASES,
+                         ids=[f"{c[0]}-{c[2].name}-{c[3].replace(' ', '-')}" for c in STOP_CASES])
+def test_a_signal_saves_progress_and_the_run_started_again_ends_as_an_uninterrupted_one(
+        tmp_path, uninterrupted, name, after, signum, whom):
+    """SIGTERM or SIGUSR1, to every rank, one rank or mpirun, during a 2-rank run with a checkpoint:
+    the run saves its progress and ends with one message and status 75 within seconds; the
+    same command again continues from the checkpoint and gives the uninterrupted results
+    bit for bit, for at most 1.25 times the products (the one product the stop interrupted;
+    Newton redoes the step it stopped)."""
+    script, flags, compared = STOPPED[name]
+    out, checkpoint = tmp_path / "out.h5", tmp_path / "ck.h5"
+    training = script == "newton.py"
+    cmd = [os.path.join(SCRIPTS, script), *flags, "--out", str(out)] + \
+        (["--resume"] if training else ["--checkpoint", str(checkpoint)])
+    monitor = ["-hess_eps_monitor"] if after.startswith("EPS") else []
+    proc = subprocess.Popen(["mpirun", "-n", "2", sys.executable, *cmd, *monitor], env={**os.environ, **MPI_ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    seen, seconds = [], None
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if after in line:
+                break
+        ranks = sorted(p for p in descendants(proc.pid)
+                       if script in open(f"/proc/{p}/cmdline").read().replace("\0", " "))
+        assert len(ranks) == 2, "".join(seen)
+        t0 = time.perf_counter()
+        for pid in {"ranks": ranks, "one rank": ranks[-1:], "mpirun": [proc.pid]}[whom]:
+            os.kill(pid, signum)
+        stdout, stderr = proc.communicate(timeout=EXIT_BOUND)
+        seconds = time.perf_counter() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stdout = "".join(seen) + stdout
+    print(f"{name}: stopped {seconds:.1f} s after {signum.name}")
+    assert proc.returncode == 75, stdout + stderr
+    saved = checkpoint if not training else out
+    assert stderr.count("stopped by") == 1 and f"stopped by {signum.name}" in stderr \
+        and f"progress saved to {saved}" in stderr, stderr  # besides mpirun's note of the exit status
+    assert "Traceback" not in stderr and "PETSC ERROR" not in stderr, stderr
+    assert saved.exists() and (training or not out.exists())
+
+    again = run_mpi(2, cmd, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert ("retraces" in again.stdout) == (name in ("spectrum", "density")), again.stdout
+    resumed, attrs = results.read(str(out))
+    whole, whole_attrs = uninterrupted(name)
+    if training:  # the iterate a stop found between two recorded rows has a row of its own
+        rows = np.isin(resumed["newton/iteration"], whole["newton/iteration"])
+        assert np.count_nonzero(~rows) <= 1
+        resumed = {k: v[rows] if k.startswith("newton/") else v for k, v in resumed.items()}
+    for dataset in compared:
+        np.testing.assert_array_equal(resumed[dataset], whole[dataset], err_msg=dataset)
+    if not training:  # each result counts every product computed, the interrupted run's too
+        assert not checkpoint.exists()
+        products, reference = attrs["n_matvecs"], whole_attrs["n_matvecs"]
+        print(f"{name}: {products} products interrupted and resumed, {reference} uninterrupted")
+        assert reference <= products <= reference + 1 <= 1.25 * reference
+
+
+def test_a_solve_stopped_on_two_ranks_and_resumed_on_one_does_the_stopped_pass_again(tmp_path, uninterrupted):
+    """The products saved by 2 ranks are not retraced by 1 (its vectors differ in their last
+    bits): the resumed solve says so, does that pass again, and still gives the eigenvalues
+    (to float32's rounding across rank counts)."""
+    script, flags, _ = STOPPED["spectrum"]
+    out, checkpoint = tmp_path / "out.h5", tmp_path / "ck.h5"
+    cmd = [os.path.join(SCRIPTS, script), *flags, "--out", str(out), "--checkpoint", str(checkpoint)]
+    proc = subprocess.Popen(["mpirun", "-n", "2", sys.executable, *cmd, "-hess_eps_monitor"],
+                            env={**os.environ, **MPI_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "EPS nconv=" in line:
+                os.kill(proc.pid, signal.SIGUSR1)
+                break
+        proc.communicate(timeout=EXIT_BOUND)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 75 and checkpoint.exists()
+    again = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, **MPI_ENV}, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr
+    assert "were made on 2 ranks, this run has 1: that work is done again" in again.stdout, again.stdout
+    resumed, _ = results.read(str(out))
+    whole, _ = uninterrupted("spectrum")
+    np.testing.assert_allclose(resumed["spectrum/eigenvalues"], whole["spectrum/eigenvalues"], rtol=1e-5)

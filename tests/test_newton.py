@@ -570,6 +570,61 @@ def test_sgd_and_adam_steps_follow_their_formulas():
 
 # ---------------------------------------------------------------- resume
 
+CHECKPOINT_ATTRS = {**{a: "x" for a in ("model", "dataset", "n_params", "n_samples", "n_ranks", "dtype",
+                                        "hessmpi_version", "command")}, "config": "{}"}
+
+
+class Resumable:
+    """The softmax case's problem (its data and TensorFlow functions shared) and a fresh
+    objective and method of a resume test on demand (`fresh`, the objective with an empty
+    cache), a checkpoint callback writing to `path`, and the run resumed from it."""
+
+    def __init__(self, method_name, path):
+        self.built = cases.build(SOFTMAX_CASE, dense=False)
+        self.problem = array_problem(self.built)
+        self.batches = training.LocalBatches(self.problem)
+        self.method_name, self.path = method_name, path
+
+    def fresh(self):
+        objective = training.Objective(self.problem, "l2", 0.05, training.Cost())
+        name, batches = self.method_name, self.batches
+        if name == "newton":
+            method = NewtonCG(objective)
+        elif name == "newton-subsampled":  # a new subsample in every iteration
+            method = NewtonCG(objective, batches=batches, hessian_batch=4, seed=1, damping=0.01)
+        elif name == "newton-growing":  # n = 3, 6, 12, 13; resumed at n = 12 with an empty cache
+            method = NewtonCG(objective, batches=batches, damping=0.01, grow_from=3, grow_factor=2.0)
+        elif name == "lrsfn":
+            method = LowRankSaddleFreeNewton(objective, batches, 1, rank=3, batch_size=5, hessian_batch=4,
+                                             learning_rate=0.5)
+        else:
+            method = KerasOptimizer(name, objective, batches, seed=1, batch_size=5, learning_rate=0.05)
+        self.method = method
+        return objective, method
+
+    def checkpoint(self, theta, history):
+        if COMM.Get_rank() == 0:
+            training.save(self.path, theta, history, self.method.state(), CHECKPOINT_ATTRS)
+        COMM.Barrier()
+
+    def resumed(self, iterations, every):
+        """(θ, history, the iteration it started from) of the run continued from the checkpoint
+        by a fresh objective and method."""
+        objective, method = self.fresh()
+        theta, history, state, _ = training.load_checkpoint(self.path, {}, COMM)
+        start = int(history.last("iteration"))
+        method.restore(state)
+        objective.cost.restore(history)
+        theta_end, _ = training.run(method, objective, theta, history, iterations, every)
+        return theta_end, history, start
+
+
+def same_rows(history, whole) -> bool:
+    """Whether history holds every row of `whole` (and perhaps others) with the same numbers."""
+    rows = [list(history.rows["iteration"]).index(i) for i in whole.rows["iteration"]]
+    return all(np.array_equal(np.asarray(history.rows[f])[rows], whole.rows[f])
+               for f in ("iteration", "loss", "grad_norm", "ksp_iterations", "sweeps", "hvps"))
+
 
 @pytest.mark.parametrize("method_name, every", [("newton", 1), ("newton-subsampled", 1), ("newton-growing", 1),
                                                 ("adam", 1), ("lrsfn", 1), ("adam", 3), ("newton", 3)])
@@ -577,52 +632,62 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(method_name, every, sh
     """Run 4 iterations, a row every `every`; then 2, save, build everything afresh, load and
     run 2 more: the same θ, bit for bit, and the same history rows (stopped between rows,
     the stop adds one at iteration 2)."""
-    built = cases.build(SOFTMAX_CASE, dense=False)
-    # The data and its TensorFlow functions are shared; objective (with its cache) and method are new.
-    problem = array_problem(built)
-    batches = training.LocalBatches(problem)
-
-    def fresh():
-        objective = training.Objective(problem, "l2", 0.05, training.Cost())
-        if method_name == "newton":
-            return objective, NewtonCG(objective)
-        if method_name == "newton-subsampled":  # a new subsample in every iteration
-            return objective, NewtonCG(objective, batches=batches, hessian_batch=4, seed=1, damping=0.01)
-        if method_name == "newton-growing":  # n = 3, 6, 12, 13; resumed at n = 12 with an empty cache
-            return objective, NewtonCG(objective, batches=batches, damping=0.01, grow_from=3, grow_factor=2.0)
-        if method_name == "lrsfn":
-            return objective, LowRankSaddleFreeNewton(objective, batches, 1, rank=3, batch_size=5,
-                                                      hessian_batch=4, learning_rate=0.5)
-        return objective, KerasOptimizer(method_name, objective, batches, seed=1, batch_size=5,
-                                         learning_rate=0.05)
-
-    attrs = {a: "x" for a in ("model", "dataset", "n_params", "n_samples", "n_ranks", "dtype",
-                              "hessmpi_version", "command")}
-    attrs["config"] = "{}"
-    objective, method = fresh()
+    case = Resumable(method_name, str(shared_tmp_path / f"resume-{method_name}-{every}.h5"))
+    objective, method = case.fresh()
     whole = training.History()
-    theta_whole, _ = training.run(method, objective, built.theta, whole, 4, every)
-    path = str(shared_tmp_path / f"resume-{method_name}-{every}.h5")
-    objective, method = fresh()
+    theta_whole, _ = training.run(method, objective, case.built.theta, whole, 4, every)
+    objective, method = case.fresh()
     part = training.History()
-
-    def checkpoint(theta, history):
-        if COMM.Get_rank() == 0:
-            training.save(path, theta, history, method.state(), attrs)
-        COMM.Barrier()
-
-    theta_part, why = training.run(method, objective, built.theta, part, 4, every, stop_after=2,
-                                   checkpoint=checkpoint)
-    objective, method = fresh()
-    theta, history, state, _ = training.load_checkpoint(path, {}, COMM)
-    method.restore(state)
-    objective.cost.restore(history)
-    theta_end, _ = training.run(method, objective, theta, history, 4, every)
-    same = np.array_equal(theta_end, theta_whole)
-    rows = [list(history.rows["iteration"]).index(i) for i in whole.rows["iteration"]]  # the whole run's rows
-    rows_same = all(np.array_equal(np.asarray(history.rows[f])[rows], whole.rows[f])
-                    for f in ("iteration", "loss", "grad_norm", "ksp_iterations", "sweeps", "hvps"))
+    theta_part, why = training.run(method, objective, case.built.theta, part, 4, every, stop_after=2,
+                                   checkpoint=case.checkpoint)
+    theta_end, history, _ = case.resumed(4, every)
+    same, rows_same = np.array_equal(theta_end, theta_whole), same_rows(history, whole)
     stopped_rows = [0, 1, 2] if every == 1 else [0, 2]
     collective_assert(why == "stopped" and list(part.rows["iteration"]) == stopped_rows and same and rows_same,
                       f"{method_name}: stop reason {why}, {len(part)} rows; θ equal {same} "
                       f"(max diff {np.abs(theta_end - theta_whole).max():.1e}); history equal {rows_same}")
+
+
+@pytest.mark.parametrize("method_name, every, at", [("newton", 1, 5), ("newton", 3, 8), ("lrsfn", 1, 60),
+                                                    ("adam", 3, None)])
+def test_a_run_stopped_inside_a_step_resumes_bit_for_bit(method_name, every, at, shared_tmp_path, monkeypatch):
+    """A stop request (hessmpi.stop) at the `at`-th look for one (inside Newton's KSP solve,
+    LRSFN's eigen solve: every product looks) or, for Adam, during step 2: Interrupted on
+    every rank, after the checkpoint got θ_k of the step it stopped, with the method's state
+    and the cost from before that step (a row of its own if it had none); resumed from it,
+    the run ends on the uninterrupted θ bit for bit, with the same history rows and HVP counts."""
+    from hessmpi import stop
+    from hessmpi.errors import Interrupted
+
+    case = Resumable(method_name, str(shared_tmp_path / f"stopped-{method_name}-{every}.h5"))
+    objective, method = case.fresh()
+    whole = training.History()
+    theta_whole, _ = training.run(method, objective, case.built.theta, whole, 6, every)
+    objective, method = case.fresh()
+    if at is None:
+        step = method.step
+        method.step = lambda theta, k: (stop.request() if k == 1 else None, step(theta, k))[1]
+    else:
+        looks, agreed = [0], stop.agreed
+
+        def counting(comm, flags=()):
+            looks[0] += 1
+            if looks[0] == at:
+                stop.request()
+            return agreed(comm, flags)
+        monkeypatch.setattr(stop, "agreed", counting)
+    try:
+        training.run(method, objective, case.built.theta, training.History(), 6, every, checkpoint=case.checkpoint)
+        stopped = ""
+    except Interrupted as e:
+        stopped = str(e)
+    finally:
+        monkeypatch.undo()
+        stop.clear()
+    theta_end, history, resumed_at = case.resumed(6, every)
+    same = np.array_equal(theta_end, theta_whole)
+    print(f"{method_name} every {every}: {stopped}; resumed at {resumed_at}")
+    where = "before iteration" if at is None else "products"  # Newton, LRSFN: inside a step
+    collective_assert(where in stopped and same and same_rows(history, whole) and 0 < resumed_at < 6,
+                      f"{method_name}: {stopped!r}; resumed at iteration {resumed_at}; θ equal {same}; "
+                      f"history rows equal {same_rows(history, whole)}")

@@ -373,3 +373,44 @@ def test_cnn_rank_curve_gives_a_lower_bound_when_capped(tmp_path):
     assert list(datasets["rank_curve/rank_is_lower_bound"]) == [1, 0]
     assert "rank ≥ 24" in proc.stdout and attrs["converged"] == 0 and attrs["n_params"] == 86282
     assert attrs["tol_matrix_free"] == rank.default_tol(86282, "float32")
+
+
+def test_a_stopped_rank_curve_continues_from_its_checkpoint(shared_tmp_path):
+    """A stop request (hessmpi.stop) at the second batch size's products: Interrupted on every
+    rank naming the checkpoint, which holds the first batch size; run again, the curve skips
+    it and ends with the uninterrupted curve's numbers (every dataset but the timings), and
+    the checkpoint is removed once the result is saved."""
+    from hessmpi import stop
+    from hessmpi.errors import Interrupted
+
+    op = hessmpi.Hessian("softmax", "mnist-5k", n_samples=60)
+    sizes, quiet = "1,5,20,60", (lambda line: None)
+    whole = hessmpi.rank_curve(op, sizes, log=quiet)
+    path = str(shared_tmp_path / "curve.ckpt")
+    products = []  # each batch size has an operator of its own, which calls op's on_matvec
+
+    def count(o):
+        products.append(1)
+        if len(products) == 3:  # the second batch size's first product: 2 check each size's matrix
+            stop.request()
+    op.on_matvec = count
+    try:
+        hessmpi.rank_curve(op, sizes, log=quiet, checkpoint=path)
+        message = ""
+    except Interrupted as e:
+        message = str(e)
+    finally:
+        op.on_matvec = None
+        stop.clear()
+    lines = []
+    curve = hessmpi.rank_curve(op, sizes, log=lines.append, checkpoint=path)
+    curve.save(str(shared_tmp_path / "curve.h5"))  # rank 0 writes it, then removes the checkpoint
+    COMM.Barrier()
+    timings = ("rank_curve/seconds", "rank_curve/dense/seconds")
+    differ = [k for k, v in whole.datasets.items() if k not in timings
+              and not np.array_equal(curve.datasets[k], v, equal_nan=v.dtype.kind == "f")]
+    collective_assert(f"progress saved to {path}" in message and curve.attrs["resumed_after_batch"] == 1
+                      and any("batch sizes 1 done before" in line for line in lines) and not differ
+                      and list(curve.ranks) == [9, 45, 180, 540] and not os.path.exists(path),
+                      f"{message!r}; resumed after {curve.attrs['resumed_after_batch']}; differ {differ}; "
+                      f"ranks {list(curve.ranks)}")

@@ -113,8 +113,8 @@ def passes_saved(checkpoint) -> int:
 
 @pytest.mark.serial
 def test_a_killed_layer_run_resumes_from_its_checkpoint_and_matches(runs, tmp_path):
-    """Kill a 2-rank --layer run once its checkpoint holds a pass (as a time limit would),
-    then run it again: it resumes and gives the uninterrupted run's numbers."""
+    """SIGTERM to one rank of a 2-rank --layer run once its checkpoint holds a pass (as a time
+    limit would), then run it again: it resumes and gives the uninterrupted run's numbers."""
     checkpoint, out = str(tmp_path / "c.ckpt"), str(tmp_path / "resumed.h5")
     cmd = ["mpirun", "-n", "2", sys.executable, SPECTRUM, *FLAGS, "--out", out, "--checkpoint", checkpoint]
     with open(tmp_path / "killed.log", "w") as log, \
@@ -136,7 +136,9 @@ def test_a_killed_layer_run_resumes_from_its_checkpoint_and_matches(runs, tmp_pa
     proc, resumed, attrs = run_spectrum(2, out, "--checkpoint", checkpoint)
     _, whole, whole_attrs = runs[2]
     assert f"{saved} pass(es) done before" in proc.stdout and attrs["resumed_after_pass"] == saved
-    assert attrs["n_matvecs"] == whole_attrs["n_matvecs"] and attrs["passes"] == whole_attrs["passes"]
+    # SIGTERM is a stop request: the rank's product under way is the only one computed twice
+    assert whole_attrs["n_matvecs"] <= attrs["n_matvecs"] <= whole_attrs["n_matvecs"] + 1
+    assert attrs["passes"] == whole_attrs["passes"]
     for name in ("eigenvalues", "residuals", "eigenvectors", "stderr", "group_quotients"):
         np.testing.assert_allclose(resumed[f"spectrum/{name}"], whole[f"spectrum/{name}"], rtol=1e-12,
                                    atol=1e-14, err_msg=name)
@@ -148,6 +150,8 @@ def test_a_checkpoint_holds_block_vectors_and_refuses_another_layer(tmp_path):
     them back to the same run and refuses a run of another layer or operator."""
     from types import SimpleNamespace
 
+    from mpi4py import MPI
+
     from hessmpi.errors import HessmpiError
 
     theta, n = np.arange(50.0), 7  # a block of 7 of 50 parameters
@@ -158,16 +162,16 @@ def test_a_checkpoint_holds_block_vectors_and_refuses_another_layer(tmp_path):
     identity = {"model": "cnn", "n_samples": 12, "operator": "hessian", "layer": "dense2"}
     attrs = {name: "x" for name in results.ROOT_ATTRS}
     path = str(tmp_path / "c.ckpt")
-    spectrum.save_checkpoint(path, progress, vectors, {**attrs, **identity}, theta, n)
-    saved = spectrum.load_checkpoint(path, identity, theta)
+    spectrum.save_checkpoint(path, progress, vectors, {}, {**attrs, **identity}, theta, n)
+    saved = spectrum.load_checkpoint(path, identity, theta, MPI.COMM_SELF)
     np.testing.assert_array_equal(saved["vectors"], vectors)
     assert saved["passes"] == 1 and saved["pass_log"] == progress.pass_log
     for other in ({"layer": "dense1"}, {"layer": ""}, {"operator": "ggn"}):
         with pytest.raises(HessmpiError, match=f"{next(iter(other))} .* there"):
-            spectrum.load_checkpoint(path, {**identity, **other}, theta)
+            spectrum.load_checkpoint(path, {**identity, **other}, theta, MPI.COMM_SELF)
     empty = SimpleNamespace(**{**vars(progress), "values": np.empty(0), "residuals": np.empty(0)})
-    spectrum.save_checkpoint(path, empty, [], {**attrs, **identity}, theta, n)  # a pass that found nothing
-    assert spectrum.load_checkpoint(path, identity, theta)["vectors"] == []
+    spectrum.save_checkpoint(path, empty, [], {}, {**attrs, **identity}, theta, n)  # a pass that found nothing
+    assert spectrum.load_checkpoint(path, identity, theta, MPI.COMM_SELF)["vectors"] == []
 
 
 @pytest.mark.parametrize("given, expected", [(None, 10), (0, 0), (2, 2), (12, 12)])

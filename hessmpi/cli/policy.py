@@ -5,17 +5,20 @@ bad flag or file gives one message from rank 0 and exit status 2 on every rank. 
 set-up (`main_guard`), an exception on any rank prints that rank's message and aborts
 the whole MPI job, so no rank is left waiting in a collective; an error raised by every
 rank at once (`HessmpiError(collective=True)`: a non-finite product, a diverged run)
-prints once and exits with status 2 everywhere.
+prints once and exits with status 2 everywhere. SIGTERM and SIGUSR1 stop the run at
+its next product or iteration on every rank together (`hessmpi.stop`); it saves its
+progress and exits with status 75 (EXIT_INTERRUPTED).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import traceback
 
-from .. import runtime
+from .. import runtime, stop
 from ..errors import HessmpiError, agree
 from . import petsc_options
 
@@ -40,13 +43,32 @@ def all_ranks(comm, exit: bool = True):
         raise SystemExit(e.status)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def stop_on_signals() -> None:
+    """Make SIGTERM and SIGUSR1 (Slurm's time-limit signal and the usual warning signal) a stop
+    request (`hessmpi.stop`): the run saves its progress at its next product or iteration
+    and exits with status EXIT_INTERRUPTED on every rank."""
+    def handler(signum, frame):
+        if stop.pending() == 0:
+            runtime.say(f"{signal.Signals(signum).name}: stopping at the next product or iteration, "
+                        "saving progress")
+        stop.request(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+
 def main_guard(main) -> None:
-    """Run main() with the error policy: an exception outside `all_ranks` aborts the job,
-    except a collective HessmpiError (raised by every rank at once, e.g. a non-finite
-    product): rank 0 prints it and every rank exits with status 2."""
+    """Run main() with the error policy and `stop_on_signals`: an exception outside `all_ranks`
+    aborts the job, except a collective HessmpiError (raised by every rank at once, e.g. a
+    non-finite product, or Interrupted): rank 0 prints it and every rank exits with its
+    status (2; EXIT_INTERRUPTED for a stop)."""
     comm = None
     try:
         comm = runtime.world()
+        stop_on_signals()
         main()
         petsc_options.run_finished()
     except SystemExit:

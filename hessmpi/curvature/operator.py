@@ -13,7 +13,8 @@ sigma * I` is one operator with one round of communication per product.
 `to_scipy()` hand the operator to SLEPc/KSP code or to scipy.sparse.linalg.
 Every product is counted (`n_matvecs`: vectors multiplied through this operator, or
 through a sum or a block made of it), timed (local compute and communication) and
-checked for NaN/Inf on every rank together.
+checked for NaN/Inf on every rank together; a stop request (`hessmpi.stop`) on any rank
+then raises Interrupted on every rank, the product counted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
+from .. import stop
 from ..data.shard import ownership
 from ..errors import HessmpiError, NumericalError
 
@@ -122,9 +124,11 @@ class LinearOperator:
         self.comm.Reduce_scatter(terms, y_local, recvcounts=self.counts * b, op=MPI.SUM)
         if self.scale != 1.0:
             y_local *= self.scale
-        self._check_finite(y_local)
+        requested = self._check(y_local)
         t3 = time.perf_counter()
         self._record(b, t2 - t1, (t1 - t0) + (t3 - t2))
+        if requested:
+            raise stop.interrupted(requested, f"after {self.n_matvecs} products")
         return y_local
 
     def _record(self, b: int, compute: float, comm: float) -> None:
@@ -164,18 +168,17 @@ class LinearOperator:
         y_local = self.apply_block(v[self.lo:self.hi])
         return np.column_stack([self.gather(y_local[:, j]) for j in range(v.shape[1])])
 
-    def _check_finite(self, y_local: np.ndarray) -> None:
-        """Raise NumericalError on every rank (one flag allreduced) if any rank's rows of the
-        product hold a NaN or Inf, so that no rank goes on with the bad vector."""
-        from mpi4py import MPI
-
-        bad = np.array([0 if np.isfinite(y_local).all() else 1], dtype=np.int32)
-        self.comm.Allreduce(MPI.IN_PLACE, bad, op=MPI.MAX)
-        if bad[0]:
+    def _check(self, y_local: np.ndarray) -> int:
+        """Raise NumericalError on every rank if any rank's rows of the product hold a NaN or Inf,
+        so that no rank goes on with the bad vector; else return any rank's stop request
+        (`hessmpi.stop`, 0 for none). One all-reduce for both."""
+        requested, (bad,) = stop.agreed(self.comm, [0 if np.isfinite(y_local).all() else 1])
+        if bad:
             raise NumericalError(
                 f"product {self.n_matvecs + 1} of the curvature operator is not finite (NaN or Inf): "
                 f"check the weights (--weights: finite and of a sensible size?) "
                 f"and try --dtype float64", collective=True)
+        return requested
 
     # ---------------------------------------------------------------- arithmetic
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import results
-from ..errors import HessmpiError
+from .. import results, stop
+from ..errors import HessmpiError, Interrupted
 from . import training
 
 METHODS = ("newton", "lrsfn", "sgd", "adam", "rmsprop")
@@ -253,6 +253,9 @@ def train(op, method: str = "newton", test=None, n_test: int | None = None, chec
     except NumericalError as error:  # found on all-reduced values: every rank is here
         error.collective = True
         raise
+    except Interrupted as e:
+        raise stop.saved(e, checkpoint, "checkpoint= (--out), resumed with resume=True (--resume)",
+                         again="run it again with resume=True (--resume) to continue") from None
     finally:
         if hasattr(method_impl, "destroy"):  # PETSc objects, collectively
             method_impl.destroy()

@@ -43,7 +43,7 @@ import numpy as np
 
 from .. import runtime
 from ..curvature.operator import sum_over_ranks
-from ..curvature.petsc import shell_matrix
+from ..curvature.petsc import interruptible, shell_matrix
 from ..errors import HessmpiError
 from .training import (CURVATURES, Objective, PrefixObjective, batch_indices, check_finite, diverged,
                        divergence_hint)
@@ -190,11 +190,12 @@ class NewtonCG:
         op = self.op
         gnorm = float(np.linalg.norm(g))
         eta = self.forcing_term(gnorm)
-        self.previous = (gnorm, eta)
         self.ksp.setTolerances(rtol=eta)
         self._b.getArray()[:] = -g[op.lo:op.hi]
         before = op.n_matvecs
-        self.ksp.solve(self._b, self._x)
+        with interruptible(self.mat):
+            self.ksp.solve(self._b, self._x)
+        self.previous = (gnorm, eta)  # after the products: a step interrupted in them leaves the state as it was
         hvps = op.n_matvecs - before
         cost.hvps += hvps
         cost.sweeps += sweeps_per_product * hvps

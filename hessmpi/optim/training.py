@@ -25,11 +25,12 @@ from typing import Protocol
 
 import numpy as np
 
+from .. import stop
 from ..curvature import regularizers
 from ..curvature.local import LocalCurvature
 from ..curvature.operator import DistributedOperator, Identity, MatrixOperator, sum_over_ranks
 from ..data.samples import LocalShard
-from ..errors import HessmpiError, NumericalError
+from ..errors import HessmpiError, Interrupted, NumericalError
 
 HISTORY_FIELDS = ("iteration", "loss", "data_loss", "grad_norm", "train_accuracy", "test_accuracy",
                   "ksp_iterations", "ksp_reason", "step_length", "step_size", "hvps", "sweeps",
@@ -359,7 +360,8 @@ class TrainingMethod(Protocol):
     - `step(theta, iteration) -> (theta, info)`: iteration k's step from θ_k, collective; every
       random choice a function of (seed, iteration), so a resumed run makes the same steps.
       info may hold ksp_iterations, ksp_reason, step_length, step_size, and `failed` (a
-      reason) when no step could be made.
+      reason) when no step could be made. A stop request (Interrupted from a product) may
+      end a step; its state must then be as before the step (change it after the products).
     - `state() -> dict` of arrays and `restore(state)`: what a checkpoint must keep besides θ
       (optimizer moments, Eisenstat–Walker history).
     - `hint`: what to try if the run diverges (e.g. "try a smaller --lr").
@@ -425,6 +427,12 @@ def run(method, objective: Objective, theta: np.ndarray, history: History, itera
     resumes from it). Returns (θ, why it stopped: 'iterations', 'gtol',
     'stopped' or the failure).
 
+    A stop request (`hessmpi.stop`), looked for before every step and in every product of
+    a step, records and checkpoints θ_k, the iterate whose step it interrupted (with the
+    cost spent to reach it), unless that row is the last one already, and raises
+    Interrupted on every rank: the resumed run redoes that step and ends bit for bit where
+    an uninterrupted one does.
+
     Divergence raises NumericalError on every rank, before anything is checkpointed: a
     non-finite θ after a step, a non-finite F or ∇F at a recorded iterate, or whatever the
     method's own checks find (its `hint` attribute says what to try).
@@ -441,6 +449,7 @@ def run(method, objective: Objective, theta: np.ndarray, history: History, itera
     if not len(history):
         row(0, save=False)
     k = int(history.last("iteration"))
+    comm = objective.problem.comm
     for done_here in range(iterations - k):
         if history.last("grad_norm") <= gtol:
             return theta, "gtol"
@@ -448,8 +457,22 @@ def run(method, objective: Objective, theta: np.ndarray, history: History, itera
             if history.last("iteration") != k:  # a checkpoint's θ must be its last row's: resuming starts there
                 row(k)
             return theta, "stopped"
+        c = objective.cost
+        spent = c.sweeps, c.hvps, c.seconds
         t0 = time.perf_counter()
-        theta, info = method.step(theta, k)
+        try:
+            requested, _ = stop.agreed(comm)
+            if requested:
+                raise stop.interrupted(requested, f"before iteration {k + 1}")
+            theta_next, info = method.step(theta, k)
+        except Interrupted:
+            c.sweeps, c.hvps, c.seconds = spent  # what the interrupted step spent is spent again on resuming
+            if history.last("iteration") != k:
+                row(k)
+            elif k == 0 and checkpoint:  # row 0 is not saved otherwise
+                checkpoint(theta, history)
+            raise
+        theta = theta_next
         objective.cost.seconds += time.perf_counter() - t0
         k += 1
         check_finite(k, "parameter vector", theta, hint=hint)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import results
-from ..errors import HessmpiError
+from .. import results, stop
+from ..errors import HessmpiError, Interrupted
 from . import rank
 
 METHODS = ("auto", "dense", "matrix-free", "both")
@@ -118,6 +118,7 @@ class RankCurve:
     datasets: dict
     attrs: dict = field(default_factory=dict)
     comm: object = field(default=None, repr=False)  # the ranks of the run: rank 0 writes
+    checkpoint: str | None = None  # the run's checkpoint, removed once the result is saved
 
     @property
     def batch_sizes(self) -> np.ndarray:
@@ -128,8 +129,12 @@ class RankCurve:
         return self.datasets["rank_curve/ranks"]
 
     def save(self, path: str, **attrs) -> str:
-        """Write the results file on rank 0, atomically; attrs join the root attributes."""
+        """Write the results file on rank 0, atomically; attrs join the root attributes. Then
+        remove the run's checkpoint, if it had one."""
+        from .checkpoint import discard
+
         results.save(path, self.datasets, {**self.attrs, **attrs}, self.comm)
+        discard(self.checkpoint, self.comm)
         return path
 
     def plot(self, prefix: str | None = None):
@@ -143,18 +148,36 @@ class RankCurve:
 
 def rank_curve(op, batch_sizes=None, method: str = "auto", regularization: str = "none", gamma: float = 1e-4,
                tol: float | None = None, max_rank: int | None = None, n_vectors: int = 4, seed: int = 0,
-               log=None) -> RankCurve:
+               log=None, checkpoint: str | None = None) -> RankCurve:
     """The rank of op's curvature over the first n samples for each n of batch_sizes (a list,
     or text '1,5,10'; default rank.DEFAULT_BATCH_SIZES up to the samples), by the routes of
     `method`; with regularization ('l2', 'laplacian') the rank of H + γR. Collective.
     A batch whose rank exceeds max_rank gets a lower bound and the matrix-free route skips
-    the larger ones. log(str) receives progress lines (default: printed by rank 0)."""
+    the larger ones. log(str) receives progress lines (default: printed by rank 0).
+    checkpoint: a file that keeps the finished batch sizes; a run with the same settings
+    continues from it (a batch size a stop request, `hessmpi.stop`, interrupted is done
+    again). It is removed once the result is saved."""
     from .. import runtime
 
     log = runtime.say if log is None else log
     p = plan(op, batch_sizes, method, regularization, gamma, tol, max_rank, n_vectors)
+    try:
+        return _rank_curve(op, p, regularization, gamma, tol, n_vectors, seed, log, checkpoint)
+    except Interrupted as e:
+        raise stop.saved(e, checkpoint) from None
+
+
+def _rank_curve(op, p: Plan, regularization, gamma, tol, n_vectors, seed, log, checkpoint) -> RankCurve:
+    from . import checkpoint as checkpoints
+    from .spectrum import model_datasets, operator_attrs
+
     problem, kind, layer = op.problem, getattr(op, "kind", "hessian"), getattr(op, "layer", None)
     comm, model, samples = problem.comm, problem.model, problem.samples
+    base = operator_attrs(op)
+    identity = checkpoints.identity(base, op.n, checkpoint, batch_sizes=",".join(map(str, p.sizes)),
+                                    method=",".join(p.methods), regularization=regularization, gamma=gamma,
+                                    tol_dense=p.tols["dense"], tol_matrix_free=p.tols["matrix-free"],
+                                    max_rank=p.max_rank, n_vectors=n_vectors, seed=seed)
     t_start = time.perf_counter()
     what = ("GGN" if kind == "ggn" else "H") + (f" (block of layer {layer}, {p.size:,} parameters)" if layer else "")
     what = what if regularization == "none" else f"{what} + {gamma:g}·R ({regularization})"
@@ -166,7 +189,37 @@ def rank_curve(op, batch_sizes=None, method: str = "auto", regularization: str =
     vectors, skip_from = None, None
     total_hvps = total_blocks = determined = 0
     compute_seconds = comm_seconds = 0.0
+    done = 0
+    saved = checkpoints.read(checkpoint, identity, problem.theta, "checkpoint/batches_done", comm) if checkpoint else None
+    if saved is not None:
+        datasets, attrs = saved
+        done = int(datasets["checkpoint/batches_done"])
+        table.data = {k[len("rank_curve/"):]: v for k, v in datasets.items() if k.startswith("rank_curve/")}
+        if "checkpoint/top_eigenvectors" in datasets:
+            vectors = (int(datasets["checkpoint/top_eigenvectors_batch_size"]),
+                       datasets["checkpoint/top_eigenvalues"], datasets["checkpoint/top_eigenvectors"])
+        skip_from = int(attrs["skip_from"]) if attrs["skip_from"] >= 0 else None
+        total_hvps, total_blocks, determined = (int(attrs[k]) for k in ("n_matvecs", "iterations", "converged"))
+        compute_seconds, comm_seconds = attrs["compute_seconds"], attrs["comm_seconds"]
+        log(f"checkpoint {checkpoint}: batch sizes {', '.join(map(str, p.sizes[:done]))} done before")
+
+    def save(i):
+        """Write the table of the first i batch sizes and the counters to the checkpoint (rank 0)."""
+        if comm.Get_rank() != 0:
+            return
+        state = {f"rank_curve/{k}": v for k, v in table.data.items()}
+        state.update({"checkpoint/batches_done": np.int64(i), "model/params": problem.theta})
+        if vectors is not None:
+            state.update({"checkpoint/top_eigenvectors_batch_size": np.int64(vectors[0]),
+                          "checkpoint/top_eigenvalues": vectors[1], "checkpoint/top_eigenvectors": vectors[2]})
+        results.write(checkpoint, state, {**base, **identity, "skip_from": -1 if skip_from is None else skip_from,
+                                          "n_matvecs": total_hvps, "iterations": total_blocks, "converged": determined,
+                                          "compute_seconds": compute_seconds, "comm_seconds": comm_seconds})
+
     for i, n in enumerate(p.sizes):
+        if i < done:
+            continue
+        stop.check(comm, f"before batch size {n}")
         t0 = time.perf_counter()
         bounds = None
         if getattr(samples, "pixels", False):  # rank 0 computes, every rank gets the same table
@@ -224,14 +277,14 @@ def rank_curve(op, batch_sizes=None, method: str = "auto", regularization: str =
         if skip_from == n and n != p.sizes[-1]:
             log(f"  the matrix-free route skips the larger batches (a rank ≥ {p.max_rank} there would cost "
                 f"as much to bound); raise --max-rank to go further")
+        if checkpoint:
+            save(i + 1)
     ranks_agree = None
     if len(p.methods) == 2:
         d, f = table.data["dense/ranks"], table.data["matrix_free/ranks"]
         both = (d >= 0) & (f >= 0) & (table.data["matrix_free/lower_bound"] == 0)
         ranks_agree = bool(np.all(d[both] == f[both]))
-    from .spectrum import model_datasets, operator_attrs
-
-    attrs = {**operator_attrs(op), "n_samples": p.sizes[-1], "n_matvecs": total_hvps, "iterations": total_blocks,
+    attrs = {**base, "n_samples": p.sizes[-1], "n_matvecs": total_hvps, "iterations": total_blocks,
              "converged": determined, "tol": p.tols[p.methods[0]], "tol_dense": p.tols["dense"],
              "tol_matrix_free": p.tols["matrix-free"],
              "tol_rule": "given by --tol" if tol else
@@ -252,4 +305,5 @@ def rank_curve(op, batch_sizes=None, method: str = "auto", regularization: str =
         datasets["rank_curve/top_eigenvectors"] = vectors[2]
     datasets.update(model_datasets(problem))
     log(f"{total_hvps} Hessian-vector products in {attrs['wall_time']:.1f} s")
-    return RankCurve(datasets, attrs, comm)
+    attrs["resumed_after_batch"] = done
+    return RankCurve(datasets, attrs, comm, checkpoint)

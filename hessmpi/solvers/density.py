@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import results
-from ..errors import HessmpiError
+from .. import results, stop
+from ..errors import HessmpiError, Interrupted
 from . import slq, trace
 
 MOMENTS = 4
@@ -53,6 +53,7 @@ class Density:
     attrs: dict = field(default_factory=dict)
     lines: list = field(default_factory=list)
     comm: object = field(default=None, repr=False)  # the ranks of the run: rank 0 writes
+    checkpoint: str | None = None  # the run's checkpoint, removed once the result is saved
 
     @property
     def trace(self) -> tuple[float, float]:
@@ -63,8 +64,12 @@ class Density:
         return "\n".join(["Density:", *self.lines])
 
     def save(self, path: str, **attrs) -> str:
-        """Write the results file on rank 0, atomically; attrs join the root attributes."""
+        """Write the results file on rank 0, atomically; attrs join the root attributes. Then
+        remove the run's checkpoint, if it had one."""
+        from .checkpoint import discard
+
         results.save(path, self.datasets, {**self.attrs, **attrs}, self.comm)
+        discard(self.checkpoint, self.comm)
         return path
 
     def plot(self, path: str | None = None, reference=None):
@@ -139,14 +144,20 @@ def check_settings(probes: int, steps: int, hutchpp: int, distribution: str) -> 
 
 
 def spectral_density(op, probes: int = 10, steps: int = 80, distribution: str = "rademacher", hutchpp: int = 30,
-            seed: int = 0, smoothing: Smoothing | None = None, log=None) -> Density:
+            seed: int = 0, smoothing: Smoothing | None = None, log=None, checkpoint: str | None = None) -> Density:
     """The spectral density of the symmetric operator op by SLQ (probes × steps products), and
     its trace by Hutch++ (hutchpp products; 0: none). Collective; the same numbers at every
-    rank count. log(str) receives progress lines (default: printed by rank 0)."""
+    rank count. log(str) receives progress lines (default: printed by rank 0).
+
+    checkpoint: a file (of a problem's curvature) that keeps the finished probes, and the
+    products of the probe or Hutch++ under way when a stop request (`hessmpi.stop`) ends
+    the run; a run with the same settings continues from it, retracing those products,
+    and gives the numbers of an uninterrupted one. It is removed once the result is saved."""
     import time
 
     from .. import runtime
-    from ..curvature.petsc import shell_matrix
+    from ..curvature.petsc import replay, retraceable, shell_matrix
+    from . import checkpoint as checkpoints
     from .spectrum import model_datasets, operator_attrs
 
     log = runtime.say if log is None else log
@@ -158,29 +169,59 @@ def spectral_density(op, probes: int = 10, steps: int = 80, distribution: str = 
     problem = getattr(op, "problem", None)
     dtype = problem.model.dtype if problem is not None else "float64"
     steps = min(steps, op.n)
+    base = operator_attrs(op)
+    identity = checkpoints.identity(base, op.n, checkpoint, probes=probes, lanczos_steps=steps,
+                                    probe_dist=distribution, hutchpp_products=hutchpp, seed=seed)
+    theta = problem.theta if problem is not None else np.zeros(0)
+    comm = op.comm
     mat = shell_matrix(op)
     try:
+        done, earlier = None, 0
+        saved = checkpoints.read(checkpoint, identity, theta, "density/alphas", comm) if checkpoint else None
+        if saved is not None:
+            done = slq.Quadrature.from_datasets(saved[0], op.n, distribution)
+            done.n_matvecs = earlier = int(saved[1]["n_matvecs"])
+            products = checkpoints.products_of_rank(saved[0], comm, op.lo, op.hi, log)
+            replay(mat, products)
+            log(f"checkpoint {checkpoint}: {done.n_probes} probe(s) done before"
+                + (f", and {len(products)} products of the next step, which it retraces" if products else ""))
+
+        def save(q, products, spent):
+            """Write the probes of q and the products of the step under way to the checkpoint."""
+            extra = checkpoints.products_datasets(products, comm, op.n)
+            if comm.Get_rank() == 0:
+                results.write(checkpoint, {**q.datasets(), "model/params": theta, **extra},
+                              {**base, **identity, "n_matvecs": spent})
+            log(f"  checkpoint: {q.n_probes} probe(s)" + (f" and {len(products)} products" if products else "")
+                + f" saved to {checkpoint}")
+
         log(f"stochastic Lanczos quadrature: {probes} {distribution} probes × {steps} steps "
             f"(options prefix -density_bv_)")
-        q = slq.slq(mat, probes, steps, seed, distribution, matvec_counter=lambda: op.n_matvecs,
-                    log=lambda line: log("  " + line))
+        count = lambda: op.n_matvecs - before[0] + earlier  # noqa: E731 (this run's products, earlier ones too)
+        q = slq.slq(mat, probes, steps, seed, distribution, matvec_counter=count,
+                    log=lambda line: log("  " + line), done=done,
+                    on_probe=checkpoint and (lambda q, products: save(q, products, count())))
         datasets, attrs, lines = summarize(q, smoothing, dtype)
         pp = None
         if hutchpp:
             start = op.n_matvecs
-            pp = trace.hutchpp(mat, hutchpp, seed, distribution)
+            with retraceable(mat, checkpoint and (lambda products: save(q, products, count()))):
+                pp = trace.hutchpp(mat, hutchpp, seed, distribution)
             datasets.update({"trace/hutchpp/estimate": pp.trace.value, "trace/hutchpp/stderr": pp.trace.stderr,
                              "trace/hutchpp/sketch_rank": pp.sketch_rank})
             lines.insert(2, f"trace (Hutch++, {op.n_matvecs - start} products, sketch rank {pp.sketch_rank}) = "
                             f"{pp.trace.value:.6g} ± {pp.trace.stderr:.2g}")
+    except Interrupted as e:
+        raise stop.saved(e, checkpoint) from None
     finally:
         mat.destroy()  # on every rank: left to garbage collection, PETSc's exit could hang
     datasets.update(model_datasets(problem))
-    attrs = {**operator_attrs(op), **attrs, "n_matvecs": op.n_matvecs - before[0], "slq_matvecs": q.n_matvecs,
+    attrs = {**base, **attrs, "n_matvecs": count(), "slq_matvecs": q.n_matvecs,
              "hutchpp_matvecs": pp.n_matvecs if pp else 0, "iterations": int(q.steps.sum()),
              "converged": q.n_probes, "operator_size": op.n, "compute_seconds": op.compute_seconds - before[1],
-             "comm_seconds": op.comm_seconds - before[2], "wall_time": time.perf_counter() - t0}
-    return Density(datasets, attrs, lines, op.comm)
+             "comm_seconds": op.comm_seconds - before[2], "wall_time": time.perf_counter() - t0,
+             "resumed_after_probe": done.n_probes if done is not None else 0}
+    return Density(datasets, attrs, lines, comm, checkpoint)
 
 
 def resmooth(path: str, smoothing: Smoothing) -> Density:

@@ -27,7 +27,11 @@ are the true ‖Hx − λx‖, one product per returned pair at the end (the hel
 carry SLEPc's estimates until then). Options are read with a prefix
 (`-hess_eps_type lanczos -hess_eps_tol 1e-10`).
 A long solve can be continued in a new process: `solve` reports a `Progress` after
-every pass and accepts one back (the spectrum script checkpoints them to a file).
+every pass and accepts one back (the spectrum script checkpoints them to a file). A solve
+stopped inside a pass (a stop request, `hessmpi.stop`) reports the products that pass
+had made; given back, they let the pass retrace its steps without computing them again
+(`petsc.ShellContext.replay`), so an interrupted and resumed solve costs one product more
+than an uninterrupted one and, on as many ranks, gives the same result bit for bit.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import runtime
-from ..errors import HessmpiError
+from ..curvature.petsc import interruptible, replay, retraceable
+from ..errors import HessmpiError, Interrupted
 
 WHICH = ("largest", "smallest", "magnitude")
 
@@ -74,7 +79,9 @@ class Progress:
     far, which the next pass deflates, so possibly more than nev; vectors are PETSc Vecs
     laid out like the matrix; residuals SLEPc's estimates), passes the passes done,
     next_want the pairs the next pass asks for (0: the solve has finished). The counters
-    cover every pass.
+    cover every pass. replay: the products the next pass had made when it was
+    interrupted ((digest of x, this rank's rows of H·x), in order; see
+    petsc.ShellContext), which it retraces instead of computing them again.
     """
 
     values: np.ndarray
@@ -87,6 +94,7 @@ class Progress:
     norm_estimate: float = float("nan")
     pass_log: list = field(default_factory=list)
     solver: str = ""
+    replay: list = field(default_factory=list)
 
 
 def _order_key(which: str):
@@ -122,12 +130,14 @@ def _new_eps(mat, which, nev, tol, max_it, prefix):
 def norm_estimate(mat, seed: int = 0, prefix: str = "hess_norm_") -> float:
     """‖H‖₂ to about three digits: a loose SLEPc solve for the largest-magnitude eigenvalue."""
     eps = _new_eps(mat, "magnitude", 1, 1e-3, None, prefix)
-    eps.setInitialSpace([_random_vec(mat, seed + 104729)])
-    eps.setFromOptions()
-    eps.solve()
-    value = abs(eps.getEigenvalue(0).real) if eps.getConverged() else 0.0
-    eps.destroy()
-    return value
+    try:
+        eps.setInitialSpace([_random_vec(mat, seed + 104729)])
+        eps.setFromOptions()
+        with interruptible(mat):
+            eps.solve()
+        return abs(eps.getEigenvalue(0).real) if eps.getConverged() else 0.0
+    finally:
+        eps.destroy()
 
 
 class _Watch:
@@ -146,6 +156,7 @@ class _Watch:
         self.want, self.nev, self.held, self.key = want, nev, held_values, key
         self.margin, self.relative, self.tol = margin, relative, tol
         self.stop = None
+        self.shell = None  # the matrix's ShellContext while it solves: a stop request ends the pass
         eps.setMonitor(self.monitor)
         eps.setStoppingTest(self.stopping)
 
@@ -166,6 +177,8 @@ class _Watch:
 
     def stopping(self, eps, its, max_it, nconv, nev):
         SLEPc = runtime.slepc()
+        if self.shell is not None and self.shell.interrupted is not None:
+            return SLEPc.EPS.ConvergedReason.CONVERGED_USER  # its products are zeros now
         if nconv >= nev:
             return SLEPc.EPS.ConvergedReason.CONVERGED_TOL
         if its >= max_it:
@@ -225,6 +238,9 @@ def solve(mat, nev: int, which: str = "largest", tol: float = 1e-8,
     Progress continues the solve where it stood, and the result equals the
     uninterrupted solve's (the same passes follow from the same held pairs and seeds). The result's n_matvecs,
     iterations and passes then include the resumed passes; wall_time is this call's.
+    A stop request raises Interrupted from inside a pass; on_pass first receives the
+    progress with that pass's products (`replay`; recorded only when on_pass is given and
+    mat is a `petsc.shell_matrix`), and the resumed solve retraces them.
 
     start: Vecs that span the first pass's initial space instead of a random vector (a warm
     start from eigenvectors of a nearby operator). ncv: the first pass's basis size (SLEPc's
@@ -245,6 +261,7 @@ def solve(mat, nev: int, which: str = "largest", tol: float = 1e-8,
         _check_resume(resume, mat)
         held = list(zip(np.asarray(resume.values).tolist(), resume.vectors, np.asarray(resume.residuals).tolist()))
         p, want = resume.passes, resume.next_want
+        replay(mat, resume.replay)
         result.iterations, result.passes = resume.iterations, resume.passes
         result.norm_estimate, result.pass_log = resume.norm_estimate, list(resume.pass_log)
         result.solver, earlier_matvecs = resume.solver, resume.n_matvecs
@@ -257,6 +274,12 @@ def solve(mat, nev: int, which: str = "largest", tol: float = 1e-8,
             result.norm_estimate = norm_estimate(mat, seed)
             if log:
                 log(f"‖H‖₂ ≈ {result.norm_estimate:.4g} (scale of the absolute convergence test)")
+
+    def progress(passes, next_want, pairs, products=()):
+        return Progress(np.array([t[0] for t in pairs]), [t[1] for t in pairs], np.array([t[2] for t in pairs]),
+                        passes, next_want, result.iterations, earlier_matvecs + count() - start_matvecs,
+                        result.norm_estimate, list(result.pass_log), result.solver, list(products))
+
     while want > 0:
         want = min(want, n - 1 - len(held))
         if want < 1:
@@ -282,7 +305,13 @@ def solve(mat, nev: int, which: str = "largest", tol: float = 1e-8,
             eps.setDeflationSpace([v for _, v, _ in held])
         eps.setInitialSpace(start if start and p == 0 else [_random_vec(mat, seed * 7919 + p)])
         eps.setFromOptions()
-        eps.solve()
+        try:
+            with retraceable(mat, on_pass and (lambda products: on_pass(progress(p, want, held, products)))):
+                with interruptible(mat) as watch.shell:
+                    eps.solve()
+        except Interrupted:
+            eps.destroy()
+            raise
         result.solver = eps.getType()
         result.iterations += eps.getIterationNumber()
         stopped = watch.stop if eps.getConvergedReason() == SLEPc.EPS.ConvergedReason.CONVERGED_USER else None
@@ -317,11 +346,9 @@ def solve(mat, nev: int, which: str = "largest", tol: float = 1e-8,
             # for one (it stops early when nothing better is in sight), then twice what was found
             want = max(nev - len(held), 1 if p == 1 else min(nev, 2 * gained))
         if on_pass is not None:
-            on_pass(Progress(np.array([t[0] for t in held]), [t[1] for t in held],
-                             np.array([t[2] for t in held]), p, want, result.iterations,
-                             earlier_matvecs + count() - start_matvecs, result.norm_estimate,
-                             list(result.pass_log), result.solver))
-    held = [(lam, v, _residual(mat, lam, v)) for lam, v, _ in held[:nev]]  # the true ones: one product each
+            on_pass(progress(p, want, held))
+    with retraceable(mat, on_pass and (lambda products: on_pass(progress(p, 0, held, products)))):
+        held = [(lam, v, _residual(mat, lam, v)) for lam, v, _ in held[:nev]]  # the true ones: one product each
     for _, v, _ in held:  # a deterministic sign: the largest-magnitude entry positive
         arr = v.getArray(readonly=True)
         local = (abs(arr).max(), arr[abs(arr).argmax()]) if arr.size else (-1.0, 0.0)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import runtime
+from ..curvature.petsc import retraceable
 from ..errors import NumericalError
 
 PROBE_DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -160,25 +161,42 @@ class Quadrature:
 
 
 def slq(mat, n_probes: int, steps: int, seed: int = 0, distribution: str = "rademacher",
-        matvec_counter=None, log=None, prefix: str = "density_") -> Quadrature:
+        matvec_counter=None, log=None, prefix: str = "density_", done: Quadrature | None = None,
+        on_probe=None) -> Quadrature:
     """Lanczos from n_probes seeded random probes, `steps` steps each (fewer if the Krylov
-    space closes). Collective; the same on every rank and at every rank count."""
+    space closes). Collective; the same on every rank and at every rank count.
+
+    done: the quadrature of the first probes (a checkpoint's), which this continues, its
+    products counted in. on_probe(q, products) receives after each probe the quadrature
+    of the probes done so far, and, if a stop request interrupts a probe, that quadrature
+    with the probe's products (`petsc.retraceable`) before Interrupted goes on."""
     n = mat.getSize()[0]
     lo, hi = mat.getOwnershipRange()
     count = matvec_counter or (lambda: 0)
-    start = count()
+    start = count() - (done.n_matvecs if done is not None else 0)
     m = min(steps, n)
     alphas = np.full((n_probes, m), np.nan)
     betas = np.full((n_probes, max(m - 1, 0)), np.nan)
     used = np.zeros(n_probes, dtype=np.int64)
     seeds = np.array([[seed & 0xFFFFFFFFFFFFFFFF, SLQ_STREAM, p] for p in range(n_probes)], dtype=np.uint64)
-    for p in range(n_probes):
-        a, b = lanczos(mat, probe(n, seed, p, distribution)[lo:hi], m, prefix)
+    first = done.n_probes if done is not None else 0
+    if first:
+        alphas[:first], betas[:first], used[:first] = done.alphas, done.betas, done.steps
+
+    def so_far(p):
+        return Quadrature(n, alphas[:p].copy(), betas[:p].copy(), used[:p].copy(), seeds[:p], distribution,
+                          count() - start)
+
+    for p in range(first, n_probes):
+        with retraceable(mat, on_probe and (lambda products: on_probe(so_far(p), products))):
+            a, b = lanczos(mat, probe(n, seed, p, distribution)[lo:hi], m, prefix)
         alphas[p, :len(a)], betas[p, :len(b)], used[p] = a, b, len(a)
         if log:
             nodes, _ = gauss_quadrature(a, b)
             log(f"probe {p + 1}/{n_probes}: {len(a)} Lanczos steps, Ritz values "
                 f"[{nodes[0]:.6g}, {nodes[-1]:.6g}] ({count() - start} products so far)")
+        if on_probe:
+            on_probe(so_far(p + 1), [])
     return Quadrature(n, alphas, betas, used, seeds, distribution, count() - start)
 
 

@@ -3,20 +3,21 @@
 The solve is `eigen.solve` (SLEPc, every copy of repeated eigenvalues) on the operator's
 PETSc shell matrix. Each eigenvalue of a problem's curvature gets an error bar from the
 spread of its Rayleigh quotient over groups of the samples (`errorbars`). With a
-checkpoint file the pairs held after every pass are saved to it (atomically, by rank 0);
-a solve started again with the same settings and file continues from there and gives
-the eigenvalues of an uninterrupted solve; the file is removed once the solve is done.
+checkpoint file the pairs held after every pass, and the products of the pass under way
+when a stop is requested (`hessmpi.stop`), are saved to it (atomically, by rank 0); a
+solve started again with the same settings and file continues from there and gives the
+eigenvalues of an uninterrupted solve; the file is removed once the solve is done.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import results
-from ..errors import HessmpiError
+from .. import results, stop
+from ..errors import HessmpiError, Interrupted
+from . import checkpoint as checkpoints
 from . import eigen, errorbars
 
 ERROR_GROUPS = 10
@@ -90,9 +91,7 @@ class Eigenpairs:
         attrs are added to the file's root attributes; then remove the solve's checkpoint, if
         it had one. Returns path."""
         results.save(path, self.datasets(), {**self.attrs, **attrs}, self.comm)
-        rank = self.comm.Get_rank() if self.comm is not None else 0
-        if self.checkpoint and rank == 0 and os.path.exists(self.checkpoint):
-            os.unlink(self.checkpoint)
+        checkpoints.discard(self.checkpoint, self.comm)
         return path
 
     def plot(self, path: str | None = None):
@@ -153,12 +152,7 @@ def eigenpairs(op, k: int = 10, which: str = "largest", tol: float | None = None
     else:
         groups = 0
     attrs = operator_attrs(op)
-    if checkpoint and attrs["operator"] not in ("hessian", "ggn"):
-        raise HessmpiError("a checkpoint needs a problem's curvature (hessmpi.Hessian or GGN, or a block of one), "
-                           "not a sum with other terms")
-    identity = {**{key: attrs.get(key) for key in ("model", "dataset", "data_fingerprint", "n_samples", "dtype",
-                                                    "loss", "operator", "layer")},
-                "operator_size": op.n, "seed": seed, "which": which, "nev": k, "tol": tol}
+    identity = checkpoints.identity(attrs, op.n, checkpoint, seed=seed, which=which, nev=k, tol=tol)
     theta = problem.theta if problem is not None else np.zeros(0)
     comm = op.comm
     seconds = op.compute_seconds, op.comm_seconds
@@ -171,29 +165,30 @@ def eigenpairs(op, k: int = 10, which: str = "largest", tol: float | None = None
                 raise HessmpiError(f"start vectors have {rows.shape[1]} entries, the operator {op.n} rows")
             start_vecs = [vec_from_full(mat, row) for row in rows]
         if checkpoint:
-            saved = None
-            if comm.Get_rank() == 0:
-                try:
-                    saved = load_checkpoint(checkpoint, identity, theta)
-                except HessmpiError as e:
-                    saved = str(e)
-            saved = comm.bcast(saved)
-            if isinstance(saved, str):  # the same error on every rank
-                raise HessmpiError(saved, collective=True)
+            saved = load_checkpoint(checkpoint, identity, theta, comm)
             if saved is not None:
-                resume = eigen.Progress(vectors=[vec_from_full(mat, x) for x in saved.pop("vectors")], **saved)
-                log(f"checkpoint {checkpoint}: {resume.passes} pass(es) done before")
+                products = checkpoints.products_of_rank(saved.pop("datasets"), comm, op.lo, op.hi, log)
+                resume = eigen.Progress(vectors=[vec_from_full(mat, x) for x in saved.pop("vectors")], **saved,
+                                        replay=products)
+                log(f"checkpoint {checkpoint}: {resume.passes} pass(es) done before"
+                    + (f", and {len(products)} products of the next, which it retraces" if products else ""))
 
         def on_pass(progress):
             vectors = [vec_to_full(v, comm) for v in progress.vectors]
+            products = checkpoints.products_datasets(progress.replay, comm, op.n)
             if comm.Get_rank() == 0:
-                save_checkpoint(checkpoint, progress, vectors, {**attrs, **identity}, theta, op.n)
-            log(f"  checkpoint: {progress.passes} pass(es) saved to {checkpoint}")
+                save_checkpoint(checkpoint, progress, vectors, products, {**attrs, **identity}, theta, op.n)
+            log(f"  checkpoint: {progress.passes} pass(es)"
+                + (f" and {len(progress.replay)} products of the next" if progress.replay else "")
+                + f" saved to {checkpoint}")
 
-        res = eigen.solve(mat, k, which, tol=tol, prefix=prefix, seed=seed, max_passes=max_passes,
-                          matvec_counter=lambda: op.n_matvecs, log=lambda line: log("  " + line),
-                          on_pass=on_pass if checkpoint else None, resume=resume, start=start_vecs,
-                          ncv=ncv)
+        try:
+            res = eigen.solve(mat, k, which, tol=tol, prefix=prefix, seed=seed, max_passes=max_passes,
+                              matvec_counter=lambda: op.n_matvecs, log=lambda line: log("  " + line),
+                              on_pass=on_pass if checkpoint else None, resume=resume, start=start_vecs,
+                              ncv=ncv)
+        except Interrupted as e:
+            raise stop.saved(e, checkpoint) from None
         if res.converged == 0:  # the same on every rank
             raise HessmpiError(f"no eigenpair converged in {res.iterations} iterations; try "
                                f"-{prefix}eps_max_it, -{prefix}eps_ncv or a looser tolerance", collective=True)
@@ -245,35 +240,25 @@ def model_datasets(problem) -> dict:
     return {"model/params": problem.theta, **problem.model.layout.datasets()}
 
 
-def save_checkpoint(path, progress, vectors, attrs, theta, n):
-    """Write the solve's progress (its vectors as full arrays of the operator's size n) and the
+def save_checkpoint(path, progress, vectors, products, attrs, theta, n):
+    """Write the solve's progress (its vectors as full arrays of the operator's size n, and the
+    datasets of the products of an interrupted pass, checkpoint.products_datasets) and the
     run's identity to path, atomically."""
     datasets = {"checkpoint/values": progress.values, "checkpoint/residuals": progress.residuals,
-                "checkpoint/vectors": np.array(vectors).reshape(len(vectors), n), "model/params": theta}
+                "checkpoint/vectors": np.array(vectors).reshape(len(vectors), n), "model/params": theta, **products}
     counters = {name: getattr(progress, name) for name in CHECKPOINT_COUNTERS}
     results.write(path, datasets, {**attrs, **counters, "pass_log": "\n".join(progress.pass_log)})
 
 
-def load_checkpoint(path, identity, theta):
-    """The saved progress at path as keyword arguments of eigen.Progress (vectors as full
-    arrays), or None if there is no file; HessmpiError if it belongs to another run."""
-    if not os.path.exists(path):
+def load_checkpoint(path, identity, theta, comm):
+    """The saved progress at path as keyword arguments of eigen.Progress (vectors as full arrays;
+    `datasets`: the file's, for its products), or None if there is none. Collective."""
+    loaded = checkpoints.read(path, identity, theta, "checkpoint/vectors", comm)
+    if loaded is None:
         return None
-    try:
-        datasets, attrs = results.read(path)
-    except HessmpiError as e:
-        raise HessmpiError(f"--checkpoint {path}: {e}") from None
-    if "checkpoint/vectors" not in datasets:
-        raise HessmpiError(f"--checkpoint {path} is not a spectrum checkpoint; choose another file")
-    differ = [f"{name} {attrs.get(name)!r} there, {value!r} here" for name, value in identity.items()
-              if attrs.get(name) != value]
-    if not np.array_equal(datasets.get("model/params"), theta):
-        differ.append("other weights")
-    if differ:
-        raise HessmpiError(f"--checkpoint {path} was written by a different run ({'; '.join(differ)}); "
-                           f"delete it to start afresh, or pass another --checkpoint")
+    datasets, attrs = loaded
     saved = {name: attrs[name] for name in CHECKPOINT_COUNTERS}
     saved.update(values=datasets["checkpoint/values"], residuals=datasets["checkpoint/residuals"],
-                 vectors=list(datasets["checkpoint/vectors"]),
+                 vectors=list(datasets["checkpoint/vectors"]), datasets=datasets,
                  pass_log=attrs["pass_log"].split("\n") if attrs["pass_log"] else [])
     return saved
