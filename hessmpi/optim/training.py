@@ -461,9 +461,7 @@ def run(method, objective: Objective, theta: np.ndarray, history: History, itera
         spent = c.sweeps, c.hvps, c.seconds
         t0 = time.perf_counter()
         try:
-            requested, _ = stop.agreed(comm)
-            if requested:
-                raise stop.interrupted(requested, f"before iteration {k + 1}")
+            stop.check(comm, f"before iteration {k + 1}")
             theta_next, info = method.step(theta, k)
         except Interrupted:
             c.sweeps, c.hvps, c.seconds = spent  # what the interrupted step spent is spent again on resuming

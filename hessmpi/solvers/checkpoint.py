@@ -74,12 +74,13 @@ def products_datasets(products, comm, n: int) -> dict:
     """The datasets of recorded products (petsc.retraceable: (digest, this rank's rows) each), on
     rank 0: checkpoint/replay_products (k × n) and checkpoint/replay_digests (ranks × k × 16
     bytes); {} on the other ranks. Collective."""
-    rows = [comm.gather(y, root=0) for _, y in products]
-    digests = comm.gather([np.frombuffer(d, dtype=np.uint8) for d, _ in products], root=0)
+    mine = (np.array([y for _, y in products]).reshape(len(products), -1) if products else np.zeros((0, 0)),
+            np.array([np.frombuffer(d, dtype=np.uint8) for d, _ in products], dtype=np.uint8).reshape(-1, 16))
+    gathered = comm.gather(mine, root=0)  # one collective for all of them
     if comm.Get_rank() != 0:
         return {}
-    return {"checkpoint/replay_products": np.array([np.concatenate(r) for r in rows]).reshape(len(products), n),
-            "checkpoint/replay_digests": np.array(digests, dtype=np.uint8).reshape(comm.Get_size(), len(products), 16)}
+    return {"checkpoint/replay_products": np.hstack([rows for rows, _ in gathered]).reshape(len(products), n),
+            "checkpoint/replay_digests": np.array([d for _, d in gathered]).reshape(comm.Get_size(), len(products), 16)}
 
 
 def products_of_rank(datasets: dict, comm, lo: int, hi: int, log) -> list:
