@@ -35,8 +35,10 @@ run: setup
 	mpirun -n $(NP) $(PYTHON) scripts/spectrum.py --overwrite $(ARGS) </dev/null
 
 # Benchmarks: Markdown tables on stdout and in $(BENCH_OUT)/*.md, JSON next to them.
-# About 15 minutes on 2 idle cores. PyHessian's row needs HESSMPI_TORCH_PYTHON (a Python with
-# torch and pyhessian; hessmpi does not depend on them), else it is skipped with a note.
+# About 20 minutes on 2 idle cores. The PyTorch rows (PyHessian, hessian-eigenthings, ARPACK, and
+# the whole-process comparison of the default spectrum.py with hessian-eigenthings) need
+# HESSMPI_TORCH_PYTHON (a Python with torch, pyhessian, hessian_eigenthings and scipy; hessmpi does
+# not depend on them), else they are skipped with a note.
 BENCH_OUT ?= results/bench
 BENCH_MPI = env HESSMPI_TF_THREADS=1 mpirun -n 2 $(PYTHON)
 bench: setup
@@ -59,6 +61,9 @@ bench: setup
 	run monitor_cost_fashion $(PYTHON) bench/monitor_cost.py --train fashion-mnist --epochs 1 --pairs 2 \
 		--settings top1+trace; \
 	run pyhessian $(PYTHON) bench/pyhessian_ref.py; \
+	run whole_process_cnn $(PYTHON) bench/pyhessian_ref.py --whole-process 3; \
+	run whole_process_softmax $(PYTHON) bench/pyhessian_ref.py --whole-process 3 --model softmax \
+		--n-samples 4000 --dtype float64; \
 	echo "make bench: tables in $$o/*.md, JSON in $$o/*.json"
 
 clean:

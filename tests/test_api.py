@@ -141,3 +141,25 @@ def test_verify_refuses_what_it_would_not_check(regression):
     messages = [raises(lambda: hessmpi.verify(hessmpi.GGN(H)), "verify checks a problem's Hessian"),
                 raises(lambda: hessmpi.verify(hessmpi.Hessian(H, layer="out")), "without layer=")]
     collective_assert(messages == ["", ""], f"{messages}")
+
+
+def test_error_bars_give_the_true_residuals_and_count_their_products():
+    """With error bars the true residuals come from their group products: on a model with
+    weight penalties (a part of H that is no mean over samples) they are ‖Hv − λv‖ of the
+    dense matrix, and those products are counted, one per pair as without error bars."""
+    rng = np.random.default_rng(24)
+    x, y = rng.standard_normal((9, 4)), np.eye(3)[rng.integers(0, 3, 9)]
+    H = hessmpi.Hessian(user_models.regularized(), (x, y), loss="categorical_crossentropy")
+    dense = H @ np.eye(H.n)
+    before = H.n_matvecs
+    bars = hessmpi.eigenpairs(H, k=3, error_groups=3, tol=1e-4, log=silent)
+    counted = H.n_matvecs - before
+    plain = hessmpi.eigenpairs(H, k=3, error_groups=0, tol=1e-4, log=silent)
+    expected = np.linalg.norm(bars.vectors @ dense - bars.values[:, None] * bars.vectors, axis=1)
+    scale = np.abs(bars.values).max()
+    collective_assert(np.allclose(bars.residuals, expected, rtol=1e-6, atol=1e-14 * scale)
+                      and np.allclose(plain.residuals, expected, rtol=1e-6, atol=1e-14 * scale)
+                      and bars.n_matvecs == counted == plain.n_matvecs == bars.attrs["n_matvecs"]
+                      and bars.attrs["errorbar_products"] == 3,
+                      f"residuals {bars.residuals} (without error bars {plain.residuals}), dense {expected}; "
+                      f"products {bars.n_matvecs}, counted {counted}, without error bars {plain.n_matvecs}")

@@ -343,14 +343,16 @@ def expected_spread(built, vectors, G, confidence=0.95):
 @pytest.mark.parametrize("n_groups", [None, 3, 1])
 def test_error_bars_match_closed_form_group_quotients(softmax_samples, n_groups):
     """Group quotients, estimate, standard error and t-interval equal those of the
-    closed-form per-sample Hessians; the estimate of an eigenvector is its eigenvalue.
+    closed-form per-sample Hessians; the estimate of an eigenvector is its eigenvalue; the
+    group products add up to H·v (what the spectrum's true residuals are taken from).
     None: a group per rank. With one group there is no interval (NaN)."""
     built = softmax_samples
     lam, U = built.eigenvalues, built.eigenvectors
     vectors = np.vstack([U[:, [-1, -2, 0]].T, np.random.default_rng(7).standard_normal(len(lam))])
     N = len(built.labels)
     problem = cases.problem(built, COMM, micro_batch=2)
-    got = errorbars.rayleigh_spread(problem.curvature.hvp, vectors, problem.shard, N, COMM, n_groups)
+    got = errorbars.rayleigh_spread(problem.curvature.hvp, vectors, problem.shard, N, COMM, n_groups,
+                                    scale=1.0 / N)
     G = n_groups or COMM.size
     r, mean, se, half = expected_spread(built, vectors, G)
     scale = np.abs(lam).max()
@@ -358,9 +360,11 @@ def test_error_bars_match_closed_form_group_quotients(softmax_samples, n_groups)
     ok = (close(got.quotients, r) and close(got.estimate, mean) and close(got.stderr, se)
           and close(got.high - got.estimate, half) and close(got.estimate - got.low, half)
           and np.allclose(got.estimate[:3], lam[[-1, -2, 0]], atol=1e-10 * scale)
-          and got.dof == G - 1 and got.sizes.sum() == N and (G > 1 or np.all(np.isnan(got.low))))
+          and got.dof == G - 1 and got.sizes.sum() == N and (G > 1 or np.all(np.isnan(got.low)))
+          and np.allclose(got.products, vectors @ built.H, rtol=1e-9, atol=1e-12 * scale))
     collective_assert(ok, f"G={G}: estimate {got.estimate} vs {mean}; stderr {got.stderr} vs {se}; "
-                          f"interval half-widths {got.high - got.estimate} vs {half}")
+                          f"interval half-widths {got.high - got.estimate} vs {half}; products off by "
+                          f"{np.abs(got.products - vectors @ built.H).max():.1e}")
 
 
 # ---------------------------------------------------------------- scripts/density.py end to end

@@ -100,3 +100,13 @@ def test_verify_passes_on_the_cnn(tmp_path):
                    timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert proc.stdout.count("ok  ") == 4
+
+
+def test_a_profiled_run_keeps_its_profile(tmp_path):
+    """A script leaves at once after its results are written (cli.policy.exit_now), unless a
+    profiler or tracer runs, which writes its file in the interpreter's teardown."""
+    profile, out = tmp_path / "run.prof", str(tmp_path / "s.h5")
+    proc = run_mpi(1, ["-m", "cProfile", "-o", profile, SPECTRUM, "--n-samples", "50", "--nev", "2",
+                       "--max-passes", "1", "--no-plot", "--out", out], timeout=300)
+    assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stderr[-3000:]
+    assert profile.stat().st_size > 0

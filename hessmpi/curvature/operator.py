@@ -126,21 +126,22 @@ class LinearOperator:
             y_local *= self.scale
         requested = self._check(y_local)
         t3 = time.perf_counter()
-        self._record(b, t2 - t1, (t1 - t0) + (t3 - t2))
+        self.count_products(b, t2 - t1, (t1 - t0) + (t3 - t2))
         if requested:
             raise stop.interrupted(requested, f"after {self.n_matvecs} products")
         return y_local
 
-    def _record(self, b: int, compute: float, comm: float) -> None:
+    def count_products(self, b: int, compute: float, comm: float) -> None:
         """Count b products and their seconds here and in every operator this one is made of
-        (a sum's terms, a block's parent), calling each one's on_matvec."""
+        (a sum's terms, a block's parent), calling each one's on_matvec; for products made
+        outside apply_block (the error bars' group products)."""
         self.n_matvecs += b
         self.compute_seconds += compute
         self.comm_seconds += comm
         if self.on_matvec is not None:
             self.on_matvec(self)
         for inner in self._parts():
-            inner._record(b, compute, comm)
+            inner.count_products(b, compute, comm)
 
     def _parts(self) -> list:
         return []

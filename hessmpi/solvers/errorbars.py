@@ -33,10 +33,15 @@ this interval is, honestly:
   and the interval are NaN. Ask for G > 1 groups to get one on any rank count; any
   fixed G gives the same numbers at every rank count (the groups are then
   independent of the shards).
+
+The group products of a vector add up to its product with the whole matrix, so the
+same pass also gives P·v (`products`): the spectrum takes its true residuals
+‖Pv − λv‖ from it instead of multiplying every eigenvector once more.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +64,7 @@ class RayleighSpread:
     high: np.ndarray
     confidence: float
     dof: int  # G − 1
+    products: np.ndarray | None = None  # (K, n): P·v of each vector, if asked for
 
 
 def spread_from_quotients(quotients: np.ndarray, sizes: np.ndarray, confidence: float = 0.95) -> RayleighSpread:
@@ -80,7 +86,8 @@ def spread_from_quotients(quotients: np.ndarray, sizes: np.ndarray, confidence: 
 
 
 def rayleigh_spread(shard_product, vectors, shard: tuple[int, int], n_samples: int, comm,
-                    n_groups: int | None = None, confidence: float = 0.95, fixed_product=None) -> RayleighSpread:
+                    n_groups: int | None = None, confidence: float = 0.95, fixed_product=None,
+                    scale: float | None = None) -> RayleighSpread:
     """Group Rayleigh quotients of each row of `vectors` (K × n, the same on every rank) and
     their spread. Collective.
 
@@ -90,6 +97,9 @@ def rayleigh_spread(shard_product, vectors, shard: tuple[int, int], n_samples: i
     shard) and is capped at n_samples. Costs one local product per vector.
     fixed_product(v), if given, is a part of the matrix that is no mean over samples (the
     model's regularization terms): its quotient vᵀFv is added to every group's.
+    With `scale` (1/N for P the mean), the result also holds the products
+    P·v = scale·Σᵢ Pᵢ·v + F·v of the vectors (K × n on every rank), from the same local
+    products and one more all-reduce.
     """
     vectors = np.atleast_2d(np.asarray(vectors, dtype=float))
     G = min(n_groups or comm.Get_size(), n_samples)
@@ -101,15 +111,23 @@ def rayleigh_spread(shard_product, vectors, shard: tuple[int, int], n_samples: i
               if max(a, lo) < min(b, hi)]
     sums = np.zeros((G, len(vectors)))
     fixed = np.zeros(len(vectors))
+    local = np.zeros_like(vectors)  # Σᵢ Pᵢ·v over this rank's samples
+    fixed_products = np.zeros_like(vectors)
     for k, v in enumerate(vectors):
         vv = v @ v
         for g, rows in pieces:
-            sums[g, k] = v @ shard_product(v, rows) / vv
+            pv = shard_product(v, rows)
+            sums[g, k] = v @ pv / vv
+            local[k] += pv
         if fixed_product is not None:
-            fixed[k] = v @ fixed_product(v) / vv
+            fixed_products[k] = fixed_product(v)
+            fixed[k] = v @ fixed_products[k] / vv
     total = sum_over_ranks(comm, sums)
     sizes = np.array([b - a for a, b in bounds])
-    return spread_from_quotients(total / sizes[:, None] + fixed, sizes, confidence)
+    spread = spread_from_quotients(total / sizes[:, None] + fixed, sizes, confidence)
+    if scale is not None:
+        spread.products = scale * sum_over_ranks(comm, local) + fixed_products
+    return spread
 
 
 def supports(op) -> bool:
@@ -118,13 +136,19 @@ def supports(op) -> bool:
     return getattr(op, "sample_product", None) is not None and getattr(op, "problem", None) is not None
 
 
-def for_operator(op, vectors, n_groups: int | None = None, confidence: float = 0.95) -> RayleighSpread:
+def for_operator(op, vectors, n_groups: int | None = None, confidence: float = 0.95,
+                 products: bool = False) -> RayleighSpread:
     """rayleigh_spread for a Problem's curvature operator (Hessian or GGN, all of θ or one
-    layer's block): vectors have the operator's size. Collective."""
+    layer's block): vectors have the operator's size. With `products`, the result holds
+    op·v of each vector too, and op counts them as products (one per vector, which is what
+    the group products cost). Collective."""
     if not supports(op):
         raise HessmpiError("error bars need a curvature of the data (a Hessian or GGN of a problem, or a "
                            "block of one), not a sum with other terms")
     problem = op.problem
-    return rayleigh_spread(op.sample_product, vectors, problem.shard, problem.n_samples, problem.comm,
-                           n_groups, confidence, op.fixed_product)
-
+    started = time.perf_counter()
+    spread = rayleigh_spread(op.sample_product, vectors, problem.shard, problem.n_samples, problem.comm,
+                             n_groups, confidence, op.fixed_product, op.scale if products else None)
+    if products:
+        op.count_products(len(spread.products), time.perf_counter() - started, 0.0)
+    return spread

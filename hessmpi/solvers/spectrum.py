@@ -2,7 +2,8 @@
 
 The solve is `eigen.solve` (SLEPc, every copy of repeated eigenvalues) on the operator's
 PETSc shell matrix. Each eigenvalue of a problem's curvature gets an error bar from the
-spread of its Rayleigh quotient over groups of the samples (`errorbars`). With a
+spread of its Rayleigh quotient over groups of the samples (`errorbars`); the group
+products add up to the pair's product, which gives its true residual. With a
 checkpoint file the pairs held after every pass, and the products of the pass under way
 when a stop is requested (`hessmpi.stop`), are saved to it (atomically, by rank 0); a
 solve started again with the same settings and file continues from there and gives the
@@ -11,6 +12,7 @@ eigenvalues of an uninterrupted solve; the file is removed once the solve is don
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +32,9 @@ class Eigenpairs:
 
     vectors is k × n (full, on every rank; θ order, or the block's order for a layer);
     residuals are the true ‖Hx − λx‖. stderr, ci_low, ci_high (and the group quotients
-    behind them) are the error bars, None without them.
+    behind them) are the error bars, None without them. n_matvecs counts every product:
+    the solve's passes and those that gave the true residuals (with error bars, their
+    group products, one product per pair); wall_time is the whole call's.
     """
 
     values: np.ndarray
@@ -130,7 +134,8 @@ def eigenpairs(op, k: int = 10, which: str = "largest", tol: float | None = None
     tol: residual tolerance (default 1e-8, 1e-5 in float32; relative to |λ| for 'largest',
     to ‖H‖₂ otherwise). max_passes=1 skips the check for missing copies. error_groups: the
     number of sample groups of the error bars (default 10 for a problem's curvature; 0:
-    none). checkpoint: a file to save progress to after every pass and resume from.
+    none); their group products add up to the pairs' products, which give the true
+    residuals. checkpoint: a file to save progress to after every pass and resume from.
     PETSc options under `prefix` (-hess_eps_type lanczos, …) override the defaults.
     log(str) receives progress lines and, at the end, the table of the pairs (default:
     printed by rank 0). start: vectors (rows of an array, or an Eigenpairs) to start the first
@@ -140,6 +145,7 @@ def eigenpairs(op, k: int = 10, which: str = "largest", tol: float | None = None
     from .. import runtime
     from ..curvature.petsc import shell_matrix, vec_from_full, vec_to_full
 
+    started = time.perf_counter()
     log = runtime.say if log is None else log
     problem = getattr(op, "problem", None)
     tol = default_tol(op) if tol is None else tol
@@ -186,7 +192,7 @@ def eigenpairs(op, k: int = 10, which: str = "largest", tol: float | None = None
             res = eigen.solve(mat, k, which, tol=tol, prefix=prefix, seed=seed, max_passes=max_passes,
                               matvec_counter=lambda: op.n_matvecs, log=lambda line: log("  " + line),
                               on_pass=on_pass if checkpoint else None, resume=resume, start=start_vecs,
-                              ncv=ncv)
+                              ncv=ncv, true_residuals=not groups)
         except Interrupted as e:
             raise stop.saved(e, checkpoint) from None
         if res.converged == 0:  # the same on every rank
@@ -205,13 +211,16 @@ def eigenpairs(op, k: int = 10, which: str = "largest", tol: float | None = None
             f"-{prefix}eps_ncv")
     result = Eigenpairs(res.values, vectors, res.residuals, which, tol, res.n_matvecs, res.iterations, res.passes,
                         res.wall_time, res.solver, comm=comm, checkpoint=checkpoint)
-    if groups:
-        spread = errorbars.for_operator(op, vectors, n_groups=groups, confidence=confidence)
+    if groups:  # the group products give the true residuals too
+        spread = errorbars.for_operator(op, vectors, n_groups=groups, confidence=confidence, products=True)
+        result.residuals = np.linalg.norm(spread.products - res.values[:, None] * vectors, axis=1)
+        result.n_matvecs += len(vectors)
         result.stderr, result.ci_low, result.ci_high = spread.stderr, spread.low, spread.high
         result.group_quotients, result.group_sizes, result.confidence = spread.quotients, spread.sizes, confidence
-    result.attrs = {**attrs, "n_matvecs": res.n_matvecs, "iterations": res.iterations, "converged": res.converged,
+    result.wall_time = time.perf_counter() - started
+    result.attrs = {**attrs, "n_matvecs": result.n_matvecs, "iterations": res.iterations, "converged": res.converged,
                     "passes": res.passes, "eps_type": res.solver, "tol": tol, "which": which, "nev": k,
-                    "wall_time": res.wall_time, "compute_seconds": op.compute_seconds - seconds[0],
+                    "wall_time": result.wall_time, "compute_seconds": op.compute_seconds - seconds[0],
                     "comm_seconds": op.comm_seconds - seconds[1], "resumed_after_pass": resume.passes if resume else 0,
                     "operator_size": op.n, "error_groups": groups,
                     "confidence": confidence if groups else float("nan"),
