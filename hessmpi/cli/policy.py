@@ -109,11 +109,15 @@ def exit_now(status: int) -> None:
 
     from mpi4py import MPI
 
-    if sys.getprofile() is not None or sys.gettrace() is not None:
+    if _observed():
         return
+    for signum in STOP_SIGNALS:  # the run is over: a stop request now has nothing to stop
+        signal.signal(signum, signal.SIG_IGN)
     sys.stdout.flush()
     sys.stderr.flush()
     atexit._run_exitfuncs()  # hessmpi's own first: they set what PetscFinalize reports
+    sys.stdout.flush()
+    sys.stderr.flush()
     petsc = sys.modules.get("petsc4py.PETSc")
     if petsc is not None and not petsc.Sys.isFinalized():
         petsc._finalize()  # what petsc4py does at exit (Py_AtExit, which os._exit skips)
@@ -121,3 +125,11 @@ def exit_now(status: int) -> None:
         MPI.Finalize()
     ctypes.CDLL(None).fflush(None)  # what PETSc printed through C's stdio
     os._exit(status)
+
+
+def _observed() -> bool:
+    """Whether a profiler, tracer or debugger watches this process (sys.setprofile/settrace,
+    or, from Python 3.12, a sys.monitoring tool such as cProfile's)."""
+    monitoring = getattr(sys, "monitoring", None)
+    tools = [monitoring.get_tool(i) for i in range(6)] if monitoring is not None else []
+    return sys.getprofile() is not None or sys.gettrace() is not None or any(tools)

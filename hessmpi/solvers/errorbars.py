@@ -48,7 +48,7 @@ import numpy as np
 
 from ..curvature.operator import sum_over_ranks
 from ..data.shard import shard_range
-from ..errors import HessmpiError
+from ..errors import HessmpiError, NumericalError
 
 
 @dataclass
@@ -111,22 +111,29 @@ def rayleigh_spread(shard_product, vectors, shard: tuple[int, int], n_samples: i
               if max(a, lo) < min(b, hi)]
     sums = np.zeros((G, len(vectors)))
     fixed = np.zeros(len(vectors))
-    local = np.zeros_like(vectors)  # Σᵢ Pᵢ·v over this rank's samples
-    fixed_products = np.zeros_like(vectors)
+    local = np.zeros_like(vectors) if scale is not None else None  # Σᵢ Pᵢ·v over this rank's samples
+    fixed_products = np.zeros_like(vectors) if scale is not None and fixed_product is not None else None
     for k, v in enumerate(vectors):
         vv = v @ v
         for g, rows in pieces:
             pv = shard_product(v, rows)
             sums[g, k] = v @ pv / vv
-            local[k] += pv
+            if local is not None:
+                local[k] += pv
         if fixed_product is not None:
-            fixed_products[k] = fixed_product(v)
-            fixed[k] = v @ fixed_products[k] / vv
+            fv = fixed_product(v)
+            fixed[k] = v @ fv / vv
+            if fixed_products is not None:
+                fixed_products[k] = fv
     total = sum_over_ranks(comm, sums)
     sizes = np.array([b - a for a, b in bounds])
     spread = spread_from_quotients(total / sizes[:, None] + fixed, sizes, confidence)
-    if scale is not None:
-        spread.products = scale * sum_over_ranks(comm, local) + fixed_products
+    if local is not None:
+        spread.products = sum_over_ranks(comm, local)
+        del local
+        spread.products *= scale
+        if fixed_products is not None:
+            spread.products += fixed_products
     return spread
 
 
@@ -146,9 +153,21 @@ def for_operator(op, vectors, n_groups: int | None = None, confidence: float = 0
         raise HessmpiError("error bars need a curvature of the data (a Hessian or GGN of a problem, or a "
                            "block of one), not a sum with other terms")
     problem = op.problem
-    started = time.perf_counter()
-    spread = rayleigh_spread(op.sample_product, vectors, problem.shard, problem.n_samples, problem.comm,
-                             n_groups, confidence, op.fixed_product, op.scale if products else None)
+    started, compute = time.perf_counter(), [0.0]
+
+    def timed(product):  # the local products' seconds are computation, the rest communication
+        def run(*args):
+            t0 = time.perf_counter()
+            out = product(*args)
+            compute[0] += time.perf_counter() - t0
+            return out
+        return None if product is None else run
+
+    spread = rayleigh_spread(timed(op.sample_product), vectors, problem.shard, problem.n_samples, problem.comm,
+                             n_groups, confidence, timed(op.fixed_product), op.scale if products else None)
     if products:
-        op.count_products(len(spread.products), time.perf_counter() - started, 0.0)
+        op.count_products(len(spread.products), compute[0], time.perf_counter() - started - compute[0])
+        if not np.isfinite(spread.products).all():  # the same on every rank
+            raise NumericalError("the error bars' products of the eigenvectors are not finite (NaN or Inf): "
+                                 "check the weights and try float64", collective=True)
     return spread

@@ -213,7 +213,8 @@ def eigenpairs(op, k: int = 10, which: str = "largest", tol: float | None = None
                         res.wall_time, res.solver, comm=comm, checkpoint=checkpoint)
     if groups:  # the group products give the true residuals too
         spread = errorbars.for_operator(op, vectors, n_groups=groups, confidence=confidence, products=True)
-        result.residuals = np.linalg.norm(spread.products - res.values[:, None] * vectors, axis=1)
+        result.residuals = np.array([np.linalg.norm(hv - lam * v) for lam, v, hv in
+                                     zip(res.values, vectors, spread.products)])
         result.n_matvecs += len(vectors)
         result.stderr, result.ci_low, result.ci_high = spread.stderr, spread.low, spread.high
         result.group_quotients, result.group_sizes, result.confidence = spread.quotients, spread.sizes, confidence
